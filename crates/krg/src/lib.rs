@@ -1,1 +1,17 @@
+//! krg: a single-system-image layer for Linux clusters, in user space.
+//!
+//! One module per word of the vocabulary (see docs/architecture.md).
 
+pub mod api;
+pub mod cli;
+pub mod cluster;
+pub mod daemon;
+pub mod features;
+pub mod gossip;
+pub mod identity;
+pub mod join;
+pub mod lab;
+pub mod node;
+pub mod peer;
+pub mod probe;
+pub mod wire;

@@ -1,0 +1,136 @@
+//! Serves the Unix socket. Each connection: a hello, then one request; the
+//! caller's uid comes from SO_PEERCRED. Garbage closes that connection only.
+
+use super::Caller;
+use crate::cluster::types::{Command, CommandResult};
+use crate::identity::{ca, token::JoinToken};
+use crate::node::{now_ms, Node};
+use crate::wire::client::{ClientRequest, ClientResponse, ClientResult, ClusterStatus};
+use crate::wire::{ConnKind, ErrorCode, FrameConn, Hello, RemoteError};
+use krg_types::limits::{CLIENT_CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_MS, JOIN_TOKEN_TTL_SECS_MAX};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+pub async fn serve(listener: UnixListener, node: Arc<Node>) {
+    let slots = Arc::new(Semaphore::new(CLIENT_CONNECTIONS_MAX));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the client socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("too many client connections ({CLIENT_CONNECTIONS_MAX}); refusing one");
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = handle(stream, node).await {
+                tracing::warn!(%reason, "closed a client connection");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, node: Arc<Node>) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    let caller = Caller {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let mut conn = FrameConn::new(stream);
+    let hello: Hello = conn
+        .recv_timeout(HANDSHAKE_TIMEOUT_MS)
+        .await
+        .map_err(|e| format!("uid {}: bad hello: {e}", caller.uid))?;
+    if let Err(e) = hello.check().and_then(|()| {
+        if hello.kind == ConnKind::Client {
+            Ok(())
+        } else {
+            Err(crate::wire::WireError::Closed)
+        }
+    }) {
+        let msg = format!("not a krg client hello: {e}");
+        let _ = conn
+            .send(&Err::<(), _>(RemoteError::new(
+                ErrorCode::BadRequest,
+                msg.clone(),
+            )))
+            .await;
+        return Err(msg);
+    }
+    conn.send(&Ok::<(), RemoteError>(()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let req: ClientRequest = conn
+        .recv_timeout(HANDSHAKE_TIMEOUT_MS)
+        .await
+        .map_err(|e| format!("uid {}: bad request: {e}", caller.uid))?;
+    let resp = dispatch(&node, caller, req).await;
+    conn.send(&resp).await.map_err(|e| e.to_string())
+}
+
+fn denied(what: &str) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::PermissionDenied,
+        format!("permission denied: only root may {what}"),
+    )
+}
+
+async fn dispatch(node: &Arc<Node>, caller: Caller, req: ClientRequest) -> ClientResult {
+    match req {
+        ClientRequest::Status => Ok(ClientResponse::Status(status(node))),
+        ClientRequest::Nodes => Ok(ClientResponse::Nodes(node.node_views())),
+        ClientRequest::CreateToken { ttl_secs } => {
+            if !caller.is_root() {
+                return Err(denied("create join tokens"));
+            }
+            if ttl_secs == 0 || ttl_secs > JOIN_TOKEN_TTL_SECS_MAX {
+                return Err(RemoteError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "a token's lifetime must be between 1 s and {JOIN_TOKEN_TTL_SECS_MAX} s"
+                    ),
+                ));
+            }
+            let ca_hash = ca::ca_sha256(&node.identity.ca_cert_pem)
+                .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?;
+            let token = JoinToken::generate(ca_hash);
+            let now = now_ms();
+            let cmd = Command::AddToken {
+                token_hash: token.secret_hash(),
+                expires_at_ms: now + ttl_secs * 1000,
+                now_ms: now,
+            };
+            match node.propose(cmd).await? {
+                CommandResult::Refused(r) => Err(RemoteError::new(ErrorCode::Refused, r)),
+                _ => Ok(ClientResponse::Token(token.to_string())),
+            }
+        }
+        ClientRequest::Features => Ok(ClientResponse::Features(
+            tokio::task::spawn_blocking(crate::features::probe)
+                .await
+                .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?,
+        )),
+    }
+}
+
+fn status(node: &Node) -> ClusterStatus {
+    let views = node.node_views();
+    ClusterStatus {
+        cluster_id: node.identity.meta.cluster_id.clone(),
+        this_node: node.id,
+        leader: node.leader(),
+        voters: node.voters(),
+        nodes: views.iter().map(|v| (v.id, v.state)).collect(),
+    }
+}

@@ -1,0 +1,155 @@
+//! `krg-init`: pid 1 of every krg job. Small and synchronous (no tokio).
+//!
+//! The contract with `krgd` is in `docs/architecture.md` ("`krg-init`"):
+//! stdio on fds 0-2, the status pipe on fd 3, the job's identity and limits
+//! on the command line, the job's environment as our own. We unshare PID,
+//! mount and IPC namespaces and fork; the outer process reports the inner
+//! init's host pid and exits, the inner one (pid 1 in the job) mounts a
+//! fresh /proc, forks the command as the user, forwards signals, reaps, and
+//! reports how the command ended.
+
+#[path = "krg_init/args.rs"]
+mod args;
+#[path = "krg_init/reaper.rs"]
+mod reaper;
+#[path = "krg_init/spawn.rs"]
+mod spawn;
+#[path = "krg_init/status.rs"]
+mod status;
+
+use std::os::fd::{IntoRawFd, RawFd};
+use std::process::exit;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+
+use crate::status::{errno, Line, Status, Step, STATUS_FD};
+
+/// Exit code on a bad command line.
+const EXIT_USAGE: i32 = 2;
+/// Exit code when a step before the command fails (also reported on fd 3).
+const EXIT_SETUP: i32 = 1;
+
+fn main() {
+    let args = match args::parse(std::env::args_os().skip(1)) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("krg-init: {err}");
+            exit(EXIT_USAGE);
+        }
+    };
+    let mut plan = spawn::Plan::new(&args);
+    // First of all, so that no signal is lost between a fork and the
+    // init's sigwaitinfo: the mask is inherited by both children.
+    reaper::block_all_signals();
+    sanitize_fds();
+    let status = Status::new(STATUS_FD);
+    let namespaces = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC;
+    if let Err(err) = unshare(namespaces) {
+        die(&status, Step::Unshare, err as i32, "cannot create the job's namespaces");
+    }
+    // The inner init waits for EOF on this gate, which comes when the outer
+    // process exits after its `pid` line: `pid` is always the first line.
+    let gate = gate(&status);
+    // SAFETY: krg-init is single-threaded, so the child is a faithful copy
+    // and may carry on with ordinary Rust code.
+    match unsafe { libc::fork() } {
+        -1 => die(&status, Step::Fork, errno(), "cannot fork the job's init"),
+        0 => {
+            spawn::wait_gate(gate);
+            let code = inner_init(&mut plan, &status);
+            exit(code);
+        }
+        inner => {
+            status.send(Line::new("pid").num(i64::from(inner)));
+            exit(0);
+        }
+    }
+}
+
+/// pid 1 of the job. Returns the exit code.
+fn inner_init(plan: &mut spawn::Plan, status: &Status) -> i32 {
+    let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+    if let Err(err) = mount(None::<&str>, "/", None::<&str>, private, None::<&str>) {
+        die(status, Step::Mount, err as i32, "cannot make the job's mounts private");
+    }
+    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(err) = mount(Some("proc"), "/proc", Some("proc"), proc_flags, None::<&str>) {
+        die(status, Step::Mount, err as i32, "cannot mount the job's /proc");
+    }
+    if let Err(err) = nix::unistd::setsid() {
+        die(status, Step::Setsid, err as i32, "cannot start the job's session");
+    }
+    let gate = gate(status);
+    let pid = match spawn::fork_command(plan, status, gate) {
+        Ok(pid) => pid,
+        Err(err) => die(status, Step::Fork, err, "cannot fork the command"),
+    };
+    status.send(Line::new("started").num(i64::from(pid)));
+    // SAFETY: both gate ends are ours; closing the write end lets the
+    // command's child go on.
+    unsafe {
+        libc::close(gate.1);
+        libc::close(gate.0);
+    }
+    release_stdio();
+    let end = reaper::supervise(pid);
+    status.send(end.line());
+    end.code()
+}
+
+/// Reports a failed step on fd 3 and on the job's stderr, and exits.
+fn die(status: &Status, step: Step, err: i32, what: &str) -> ! {
+    eprintln!("krg-init: {what}: {}", nix::errno::Errno::from_raw(err).desc());
+    status.send(Line::new(step.word()).num(i64::from(err)));
+    exit(EXIT_SETUP);
+}
+
+/// Makes fds 0-3 open (a closed one becomes /dev/null, so that no fd we
+/// open later takes its number), keeps fd 3 out of the command, and marks
+/// every fd above 3 close-on-exec: the job gets its stdio and nothing else
+/// of `krgd`'s.
+fn sanitize_fds() {
+    for fd in 0..=STATUS_FD {
+        // SAFETY: F_GETFD only queries the fd.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: the path is NUL-terminated; open returns the lowest
+            // free fd, which is `fd` since those below it are open.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+    // SAFETY: fcntl on an fd we hold; close_range only sets flags.
+    unsafe {
+        libc::fcntl(STATUS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::close_range(4, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
+    }
+}
+
+/// Points the init's own fds 0-2 at /dev/null once the command has its
+/// copies: the init must not keep the job's streams (or its tty) open after
+/// the command and its children have closed them.
+fn release_stdio() {
+    // SAFETY: open/dup2/close on fds we own.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null == -1 {
+            return;
+        }
+        for fd in 0..=2 {
+            libc::dup2(null, fd);
+        }
+        if null > 2 {
+            libc::close(null);
+        }
+    }
+}
+
+/// A pipe (read end, write end), both close-on-exec, that orders a child
+/// after its parent: the child waits for EOF (`spawn::wait_gate`), which
+/// comes when the parent closes the write end.
+fn gate(status: &Status) -> (RawFd, RawFd) {
+    match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok((read_end, write_end)) => (read_end.into_raw_fd(), write_end.into_raw_fd()),
+        Err(err) => die(status, Step::Fork, err as i32, "cannot create a pipe"),
+    }
+}

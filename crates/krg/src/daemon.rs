@@ -1,0 +1,227 @@
+//! krgd's start-up: identity (create, join or load), raft, the node port,
+//! the client socket and the background tasks.
+
+use crate::cluster::network::Network;
+use crate::cluster::state::NodeRecord;
+use crate::cluster::types::{Command, Raft};
+use crate::gossip::View;
+use crate::identity::{ca, tls, Identity, StateDir};
+use crate::node::config::NodeConfig;
+use crate::node::{now_ms, Node};
+use crate::peer::PeerPool;
+use anyhow::{bail, Context};
+use krg_types::NodeState;
+use openraft::BasicNode;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, UnixListener};
+
+/// Raft timing: a leader is replaced about a second after it dies.
+fn raft_config() -> anyhow::Result<openraft::Config> {
+    let cfg = openraft::Config {
+        cluster_name: "krg".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        ..Default::default()
+    };
+    Ok(cfg.validate()?)
+}
+
+/// The address peers should use: explicit, else the listen address, else
+/// the first non-loopback IPv4 address of this host.
+pub fn advertise_addr(config: &NodeConfig) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = config.advertise {
+        return Ok(a);
+    }
+    if !config.listen.ip().is_unspecified() {
+        return Ok(config.listen);
+    }
+    let addrs = nix::ifaddrs::getifaddrs().context("cannot list network interfaces")?;
+    for ifa in addrs {
+        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            let ip = Ipv4Addr::from(sin.ip());
+            if !ip.is_loopback() {
+                return Ok(SocketAddr::new(IpAddr::V4(ip), config.listen.port()));
+            }
+        }
+    }
+    bail!("this host has no non-loopback IPv4 address: pass --advertise IP:PORT")
+}
+
+async fn load_or_create_identity(
+    config: &NodeConfig,
+    dir: &StateDir,
+    addr: &str,
+) -> anyhow::Result<Identity> {
+    if let Some(id) = dir.load()? {
+        if config.join.is_some() {
+            tracing::warn!(
+                cluster = %id.meta.cluster_id,
+                node = %id.meta.node_id,
+                "this node is already a member; --join ignored"
+            );
+        }
+        return Ok(id);
+    }
+    let id = match (&config.join, &config.token) {
+        (Some(member), Some(token)) => {
+            let id = crate::join::join(member, token, addr)
+                .await
+                .with_context(|| format!("cannot join the cluster through {member}"))?;
+            eprintln!(
+                "krgd: joined cluster {} as node {}",
+                id.meta.cluster_id, id.meta.node_id
+            );
+            id
+        }
+        _ => {
+            let (id, _) = ca::init_cluster(addr)?;
+            eprintln!(
+                "krgd: created cluster {} (this is node 1)",
+                id.meta.cluster_id
+            );
+            id
+        }
+    };
+    dir.save_new(&id)?;
+    Ok(id)
+}
+
+/// Binds the client socket, refusing to steal one a live krgd serves.
+async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another krgd is already serving {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Anyone may connect; each request is authorised from SO_PEERCRED.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// First start of a cluster's first node: initialise raft with itself as
+/// the only voter and record the cluster's identity.
+async fn bootstrap_if_needed(node: &Arc<Node>) -> anyhow::Result<()> {
+    let needs_state = node.state.read(|d| d.state.cluster_id.is_empty());
+    if node.identity.ca_key_pem.is_none() || node.id.get() != 1 {
+        return Ok(());
+    }
+    if !node.raft.is_initialized().await? {
+        let mut members = BTreeMap::new();
+        members.insert(
+            node.id.as_u64(),
+            BasicNode {
+                addr: node.addr.clone(),
+            },
+        );
+        node.raft.initialize(members).await?;
+    }
+    if needs_state {
+        let first = NodeRecord {
+            id: node.id,
+            addr: node.addr.clone(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            spki_sha256: ca::spki_sha256_of_pem(&node.identity.node_cert_pem)?,
+            state: NodeState::Up,
+            version: krg_types::KRG_VERSION.to_string(),
+        };
+        node.propose(Command::Bootstrap {
+            cluster_id: node.identity.meta.cluster_id.clone(),
+            ca_cert_pem: node.identity.ca_cert_pem.clone(),
+            first,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bootstrap the cluster: {e}"))?;
+    }
+    Ok(())
+}
+
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let addr = advertise_addr(&config)?.to_string();
+    let dir = StateDir::new(&config.state_dir);
+    dir.ensure()?;
+    let identity = load_or_create_identity(&config, &dir, &addr).await?;
+    if identity.meta.addr != addr {
+        bail!(
+            "this node joined with address {} but would now advertise {addr}; start it with --advertise {}",
+            identity.meta.addr,
+            identity.meta.addr
+        );
+    }
+    let id = identity.meta.node_id;
+    let (log_store, sm_store) = crate::cluster::store::open(&dir.raft_db())?;
+    let state = sm_store.shared.clone();
+    let peers = Arc::new(PeerPool::new(tls::client_config(&identity)?));
+    let raft = Raft::new(
+        id.as_u64(),
+        Arc::new(raft_config()?),
+        Network {
+            peers: peers.clone(),
+        },
+        log_store,
+        sm_store,
+    )
+    .await
+    .context("cannot start raft")?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let server_tls = tls::server_config(&identity)?;
+    let node = Arc::new(Node {
+        view: Mutex::new(View::new(id, now_ms(), Instant::now())),
+        config: config.clone(),
+        id,
+        identity,
+        addr,
+        raft,
+        state,
+        peers,
+    });
+    tokio::spawn(crate::peer::server::serve(
+        listener,
+        server_tls,
+        node.clone(),
+    ));
+    bootstrap_if_needed(&node).await?;
+    let socket = bind_socket(&config.socket).await?;
+    tokio::spawn(crate::api::server::serve(socket, node.clone()));
+    tokio::spawn(crate::gossip::task::run(node.clone(), || 0));
+    tokio::spawn(crate::cluster::duties::run(node.clone()));
+    tracing::info!(node = %node.id, addr = %node.addr, socket = %config.socket.display(), "krgd serving");
+    eprintln!("krgd: ready");
+    wait_for_shutdown().await;
+    tracing::info!("shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(3), node.raft.shutdown()).await;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,44 @@
+//! krgd's settings, from its command line.
+
+use crate::probe::LoadScope;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/krg";
+pub const DEFAULT_SOCKET: &str = "/run/krg/krgd.sock";
+pub const DEFAULT_PORT: u16 = 7470;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct NodeConfig {
+    /// Where the node keeps its identity and the replicated state.
+    #[arg(long, env = "KRG_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The Unix socket users' `krg` talks to.
+    #[arg(long, env = "KRG_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Address of the node port (mutual TLS).
+    #[arg(long, default_value = "0.0.0.0:7470")]
+    pub listen: std::net::SocketAddr,
+    /// Address other nodes use to reach this one (default: the listen
+    /// address, or this host's first non-loopback IPv4 address).
+    #[arg(long)]
+    pub advertise: Option<std::net::SocketAddr>,
+    /// Join the cluster of the node at this address (needs --token).
+    #[arg(long, requires = "token")]
+    pub join: Option<String>,
+    /// Join token printed by `krg cluster token` on a member.
+    #[arg(long, requires = "join")]
+    pub token: Option<String>,
+    /// Silence after which a peer is shown as suspect.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub suspect_after: Duration,
+    /// Silence after which the leader declares a peer down.
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    pub down_after: Duration,
+    /// Time between gossip rounds.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub gossip_interval: Duration,
+    /// Whose load this node reports: the machine's, or its cgroup's (lab nodes).
+    #[arg(long, value_enum, default_value = "system")]
+    pub load_scope: LoadScope,
+}

@@ -1,0 +1,291 @@
+//! A running node: its identity, raft, replicated state, peers and local
+//! view, and the handlers for what peers and joining machines ask.
+
+pub mod config;
+
+use crate::cluster::state::NodeRecord;
+use crate::cluster::store::SharedState;
+use crate::cluster::types::{Command, CommandResult, Raft};
+use crate::gossip::{Liveness, View};
+use crate::identity::{ca, token, Identity};
+use crate::peer::PeerPool;
+use crate::wire::client::NodeView;
+use crate::wire::peer::{JoinAccepted, JoinRequest, JoinResponse, PeerRequest, PeerResponse};
+use crate::wire::{ErrorCode, RemoteError};
+use config::NodeConfig;
+use krg_types::limits::SHORT_STRING_BYTES_MAX;
+use krg_types::{NodeId, NodeState};
+use openraft::error::{ClientWriteError, RaftError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a proposal may wait for a leader and a commit.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts to reach a leader while one is being elected.
+const PROPOSE_ATTEMPTS_MAX: u32 = 40;
+/// Time allowed for one forwarded request to the leader.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub id: NodeId,
+    pub identity: Identity,
+    /// Our `ip:port` on the node port, as peers see it.
+    pub addr: String,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub peers: Arc<PeerPool>,
+    pub view: Mutex<View>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(code, msg)
+}
+
+impl Node {
+    pub fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .current_leader
+            .and_then(crate::cluster::types::node_id)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.id)
+    }
+
+    pub fn voters(&self) -> Vec<NodeId> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .voter_ids()
+            .filter_map(crate::cluster::types::node_id)
+            .collect()
+    }
+
+    /// Replicates a command, through the leader wherever it is.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, RemoteError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        let mut last = String::from("no leader is elected");
+        for _ in 0..PROPOSE_ATTEMPTS_MAX {
+            if Instant::now() >= deadline {
+                break;
+            }
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let (Some(id), Some(node)) = (
+                        f.leader_id.and_then(crate::cluster::types::node_id),
+                        f.leader_node,
+                    ) {
+                        match self
+                            .peers
+                            .call(
+                                id,
+                                &node.addr,
+                                PeerRequest::Propose(cmd.clone()),
+                                FORWARD_TIMEOUT,
+                            )
+                            .await
+                        {
+                            Ok(PeerResponse::Proposed(r)) => return Ok(r),
+                            Ok(_) => last = "the leader sent an unexpected answer".into(),
+                            Err(e) => last = e.to_string(),
+                        }
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(err(
+            ErrorCode::Unavailable,
+            format!(
+                "the cluster could not commit the change: {last} (is a majority of voters up?)"
+            ),
+        ))
+    }
+
+    /// A proposal forwarded by a follower: commit here or refuse (no
+    /// second hop, so a stale leader view cannot make a loop).
+    async fn propose_as_leader(&self, cmd: Command) -> Result<CommandResult, RemoteError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(err(
+                ErrorCode::Unavailable,
+                format!("node {} cannot commit: {e}", self.id),
+            )),
+        }
+    }
+
+    pub async fn handle_peer(
+        &self,
+        from: NodeId,
+        req: PeerRequest,
+    ) -> Result<PeerResponse, RemoteError> {
+        match req {
+            PeerRequest::AppendEntries(r) => Ok(PeerResponse::AppendEntries(
+                self.raft.append_entries(r).await,
+            )),
+            PeerRequest::Vote(r) => Ok(PeerResponse::Vote(self.raft.vote(r).await)),
+            PeerRequest::InstallSnapshot(r) => Ok(PeerResponse::InstallSnapshot(
+                self.raft.install_snapshot(r).await,
+            )),
+            PeerRequest::Propose(cmd) => {
+                Ok(PeerResponse::Proposed(self.propose_as_leader(cmd).await?))
+            }
+            PeerRequest::Gossip(msg) => {
+                if let Err(reason) = msg.check() {
+                    tracing::warn!(node = %from, %reason, "gossip refused");
+                    return Err(err(ErrorCode::BadRequest, reason));
+                }
+                self.view().merge(&msg, Instant::now());
+                Ok(PeerResponse::Proposed(CommandResult::Ok))
+            }
+        }
+    }
+
+    /// May the holder of this certificate talk to us as node `node`? The CA
+    /// signature already proved it was admitted; the replicated record (when
+    /// we have it) must name the same key and not say it left.
+    pub fn authorize_peer(&self, node: NodeId, spki: &str) -> Result<(), String> {
+        self.state.read(|d| match d.state.nodes.get(&node) {
+            None => Ok(()),
+            Some(rec) if rec.state == NodeState::Left => {
+                Err(format!("node {node} has left the cluster"))
+            }
+            Some(rec) if rec.spki_sha256 != spki => Err(format!(
+                "the key presented for node {node} is not the one it joined with"
+            )),
+            Some(_) => Ok(()),
+        })
+    }
+
+    pub async fn handle_join(&self, req: JoinRequest, from: String) -> JoinResponse {
+        for (what, s) in [
+            ("address", &req.addr),
+            ("host name", &req.hostname),
+            ("version", &req.version),
+        ] {
+            if s.len() > SHORT_STRING_BYTES_MAX {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("the {what} is longer than {SHORT_STRING_BYTES_MAX} bytes"),
+                ));
+            }
+        }
+        if req.csr_pem.len() > 16 << 10 {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "the certificate request is too large",
+            ));
+        }
+        if req.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("'{}' is not an ip:port address", req.addr),
+            ));
+        }
+        let Some(ca_key) = self.identity.ca_key_pem.clone() else {
+            let holder = self.state.read(|d| {
+                d.state
+                    .ca_holder
+                    .and_then(|h| d.state.nodes.get(&h).cloned())
+            });
+            let hint = holder.map_or_else(String::new, |h| {
+                format!(": join through node {} ({})", h.id, h.addr)
+            });
+            return Err(err(
+                ErrorCode::Unavailable,
+                format!("node {} cannot sign certificates{hint}", self.id),
+            ));
+        };
+        let spki = match ca::spki_sha256_of_csr(&req.csr_pem) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("bad certificate request: {e}"),
+                ))
+            }
+        };
+        let cmd = Command::Admit {
+            token_hash: token::secret_hash(&req.token_secret),
+            now_ms: now_ms(),
+            addr: req.addr.clone(),
+            hostname: req.hostname.clone(),
+            spki_sha256: spki,
+            version: req.version.clone(),
+        };
+        let id = match self.propose(cmd).await? {
+            CommandResult::Admitted(id) => id,
+            CommandResult::Refused(reason) => {
+                tracing::warn!(%from, %reason, "join refused");
+                return Err(err(ErrorCode::BadToken, reason));
+            }
+            CommandResult::Ok => return Err(err(ErrorCode::Internal, "admission gave no node id")),
+        };
+        let cluster_id = self.identity.meta.cluster_id.clone();
+        let cert_pem = ca::issue_node_cert(
+            &self.identity.ca_cert_pem,
+            &ca_key,
+            &req.csr_pem,
+            id,
+            &cluster_id,
+        )
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        tracing::info!(node = %id, addr = %req.addr, host = %req.hostname, "admitted a new node");
+        Ok(JoinAccepted {
+            node_id: id,
+            cluster_id,
+            cert_pem,
+            ca_cert_pem: self.identity.ca_cert_pem.clone(),
+        })
+    }
+
+    /// The state shown for a member: the replicated one, except that an `up`
+    /// node we have not heard from lately is `suspect`.
+    pub fn shown_state(&self, rec: &NodeRecord) -> NodeState {
+        if rec.state == NodeState::Up {
+            let live = self
+                .view()
+                .liveness(rec.id, Instant::now(), self.config.suspect_after);
+            if matches!(live, Liveness::Silent(_)) {
+                return NodeState::Suspect;
+            }
+        }
+        rec.state
+    }
+
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let voters = self.voters();
+        let records: Vec<NodeRecord> = self
+            .state
+            .read(|d| d.state.nodes.values().cloned().collect());
+        records
+            .into_iter()
+            .map(|rec| {
+                let load = self.view().load(rec.id).cloned().filter(|l| l.cpus > 0);
+                NodeView {
+                    id: rec.id,
+                    state: self.shown_state(&rec),
+                    voter: voters.contains(&rec.id),
+                    addr: rec.addr,
+                    hostname: rec.hostname,
+                    version: rec.version,
+                    load,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,50 @@
+//! Messages between a user's `krg` and the local krgd on the Unix socket.
+
+use crate::gossip::NodeLoad;
+use crate::wire::RemoteError;
+use krg_types::{NodeId, NodeState};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// `krg cluster status`
+    Status,
+    /// `krg nodes`
+    Nodes,
+    /// `krg cluster token --ttl` (root only)
+    CreateToken { ttl_secs: u64 },
+    /// `krg doctor` / `krg node features`
+    Features,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Status(ClusterStatus),
+    Nodes(Vec<NodeView>),
+    Token(String),
+    Features(crate::features::Features),
+}
+
+pub type ClientResult = Result<ClientResponse, RemoteError>;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub this_node: NodeId,
+    pub leader: Option<NodeId>,
+    pub voters: Vec<NodeId>,
+    pub nodes: Vec<(NodeId, NodeState)>,
+}
+
+/// One line of `krg nodes`: the replicated record with this node's view of
+/// its liveness and its last gossiped load.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub addr: String,
+    pub hostname: String,
+    pub state: NodeState,
+    pub version: String,
+    pub voter: bool,
+    pub load: Option<NodeLoad>,
+}
