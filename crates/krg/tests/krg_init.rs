@@ -45,7 +45,10 @@ fn lab(test: &str) -> bool {
         return true;
     }
     let reason = "krg-init needs root (PID/mount/IPC namespaces, mounting /proc, changing uid)";
-    assert!(std::env::var("KRG_REQUIRE_LAB").as_deref() != Ok("1"), "{test}: {reason}, and KRG_REQUIRE_LAB=1");
+    assert!(
+        std::env::var("KRG_REQUIRE_LAB").as_deref() != Ok("1"),
+        "{test}: {reason}, and KRG_REQUIRE_LAB=1"
+    );
     eprintln!("{test}: skipped: {reason}");
     false
 }
@@ -55,14 +58,23 @@ fn become_subreaper() {
     ONCE.call_once(|| {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        assert_eq!(rc, 0, "prctl(PR_SET_CHILD_SUBREAPER): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "prctl(PR_SET_CHILD_SUBREAPER): {}",
+            std::io::Error::last_os_error()
+        );
     });
 }
 
 /// A name unique in this run, for temp paths and markers.
 fn unique(what: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("krg-init-test-{what}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "krg-init-test-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A temp directory removed on drop.
@@ -191,7 +203,11 @@ impl Job {
         let stray_raw = stray.as_raw_fd();
         let mode = spec.status;
         let mut command = Command::new(KRG_INIT);
-        command.args(&spec.options).arg("--").args(&spec.command).envs(spec.env.iter().cloned());
+        command
+            .args(&spec.options)
+            .arg("--")
+            .args(&spec.command)
+            .envs(spec.env.iter().cloned());
         let output = Arc::new(Mutex::new(Vec::new()));
         let mut readers = Vec::new();
         let stdin = if spec.pty {
@@ -202,7 +218,10 @@ impl Job {
             readers.push(collect(master.try_clone().expect("dup master"), &output));
             Some(master)
         } else {
-            command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
             None
         };
         // SAFETY: the closure only calls dup2, fcntl and close, which are
@@ -261,15 +280,30 @@ impl Job {
             thread::sleep(POLL);
         };
         assert_eq!(outer_status.code(), Some(0), "outer krg-init exit status");
-        let mut job = Job { inner: None, lines: Vec::new(), status_rx: None, output, readers, stdin };
+        let mut job = Job {
+            inner: None,
+            lines: Vec::new(),
+            status_rx: None,
+            output,
+            readers,
+            stdin,
+        };
         match status_read {
             Some(read_end) => {
                 job.status_rx = Some(read_lines(File::from(read_end)));
                 let first = job.next_line().expect("a `pid` line on fd 3");
                 let pid = first.strip_prefix("pid ").and_then(|p| p.parse().ok());
-                job.inner = Some(pid.unwrap_or_else(|| panic!("first status line {first:?} is not `pid N`")));
+                job.inner = Some(
+                    pid.unwrap_or_else(|| panic!("first status line {first:?} is not `pid N`")),
+                );
             }
-            None => job.inner = Some(find_inner(spec.marker.as_deref().expect("a marker without a status pipe"))),
+            None => {
+                job.inner = Some(find_inner(
+                    spec.marker
+                        .as_deref()
+                        .expect("a marker without a status pipe"),
+                ))
+            }
         }
         job
     }
@@ -293,14 +327,19 @@ impl Job {
     fn wait_output(&self, needle: &str) {
         let deadline = Instant::now() + WAIT;
         while !self.output_text().contains(needle) {
-            assert!(Instant::now() < deadline, "no {needle:?} in the job's output: {:?}", self.output_text());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the job's output: {:?}",
+                self.output_text()
+            );
             thread::sleep(POLL);
         }
     }
 
     fn signal_inner(&self, sig: i32) {
         // SAFETY: the inner init is our unreaped child: its pid is not reused.
-        assert_eq!(unsafe { libc::kill(self.inner(), sig) }, 0, "kill inner init");
+        let rc = unsafe { libc::kill(self.inner(), sig) };
+        assert_eq!(rc, 0, "kill inner init");
     }
 
     fn close_stdin(&mut self) {
@@ -311,7 +350,12 @@ impl Job {
     /// job's output to reach EOF.
     fn finish(mut self) -> Finished {
         let pid = self.inner();
-        let ended = wait_pid(pid, WAIT).unwrap_or_else(|| panic!("inner init {pid} still runs; output {:?}", self.output_text()));
+        let ended = wait_pid(pid, WAIT).unwrap_or_else(|| {
+            panic!(
+                "inner init {pid} still runs; output {:?}",
+                self.output_text()
+            )
+        });
         self.inner = None;
         if let Some(rx) = self.status_rx.take() {
             let deadline = Instant::now() + WAIT;
@@ -319,7 +363,9 @@ impl Job {
                 match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Ok(line) => self.lines.push(line),
                     Err(RecvTimeoutError::Disconnected) => break,
-                    Err(RecvTimeoutError::Timeout) => panic!("status pipe not closed; lines {:?}", self.lines),
+                    Err(RecvTimeoutError::Timeout) => {
+                        panic!("status pipe not closed; lines {:?}", self.lines)
+                    }
                 }
             }
         }
@@ -327,13 +373,21 @@ impl Job {
         let deadline = Instant::now() + WAIT;
         for reader in std::mem::take(&mut self.readers) {
             while !reader.is_finished() {
-                assert!(Instant::now() < deadline, "job output not closed: {:?}", self.output_text());
+                assert!(
+                    Instant::now() < deadline,
+                    "job output not closed: {:?}",
+                    self.output_text()
+                );
                 thread::sleep(POLL);
             }
             reader.join().expect("reader thread");
         }
         let output = self.output.lock().expect("output lock").clone();
-        Finished { lines: std::mem::take(&mut self.lines), output, ended }
+        Finished {
+            lines: std::mem::take(&mut self.lines),
+            output,
+            ended,
+        }
     }
 }
 
@@ -361,14 +415,18 @@ fn assert_lines(finished: &Finished, end_line: &str) {
     let lines = &finished.lines;
     assert_eq!(lines.len(), 3, "status lines {lines:?}");
     assert!(lines[0].starts_with("pid "), "{lines:?}");
-    assert_eq!(lines[1], "started 2", "the command is the init's first child: {lines:?}");
+    assert_eq!(
+        lines[1], "started 2",
+        "the command is the init's first child: {lines:?}"
+    );
     assert_eq!(lines[2], end_line, "{lines:?}");
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two fds pipe2 returns.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2");
     // SAFETY: pipe2 just returned these two fds, owned by nobody else.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
@@ -395,14 +453,30 @@ fn open_pty() -> (File, OwnedFd) {
     // buffer we own; each result is checked.
     unsafe {
         let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-        assert!(master >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        assert!(
+            master >= 0,
+            "posix_openpt: {}",
+            std::io::Error::last_os_error()
+        );
         let master = File::from_raw_fd(master);
         assert_eq!(libc::grantpt(master.as_raw_fd()), 0, "grantpt");
         assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
         let mut name = [0 as libc::c_char; 128];
-        assert_eq!(libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()), 0, "ptsname_r");
-        let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
-        assert!(slave >= 0, "open {:?}: {}", CStr::from_ptr(name.as_ptr()), std::io::Error::last_os_error());
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0,
+            "ptsname_r"
+        );
+        let slave = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(
+            slave >= 0,
+            "open {:?}: {}",
+            CStr::from_ptr(name.as_ptr()),
+            std::io::Error::last_os_error()
+        );
         (master, OwnedFd::from_raw_fd(slave))
     }
 }
@@ -416,7 +490,10 @@ fn collect(mut source: File, output: &Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
         loop {
             match source.read(&mut buf) {
                 Ok(0) | Err(_) => return,
-                Ok(n) => output.lock().expect("output lock").extend_from_slice(&buf[..n]),
+                Ok(n) => output
+                    .lock()
+                    .expect("output lock")
+                    .extend_from_slice(&buf[..n]),
             }
         }
     })
@@ -442,7 +519,11 @@ fn wait_pid(pid: libc::pid_t, limit: Duration) -> Option<Ended> {
         let mut status = 0;
         // SAFETY: `status` is a valid out-pointer; `pid` is our own child.
         let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert!(rc >= 0, "waitpid({pid}): {}", std::io::Error::last_os_error());
+        assert!(
+            rc >= 0,
+            "waitpid({pid}): {}",
+            std::io::Error::last_os_error()
+        );
         if rc == pid {
             if libc::WIFSIGNALED(status) {
                 return Some(Ended::Signal(libc::WTERMSIG(status)));
@@ -468,14 +549,25 @@ struct Proc {
 fn processes() -> Vec<Proc> {
     let mut list = Vec::new();
     for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let mut fields = rest.split_whitespace();
         let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        list.push(Proc { pid, ppid, state, cmdline });
+        list.push(Proc {
+            pid,
+            ppid,
+            state,
+            cmdline,
+        });
     }
     list
 }
@@ -497,12 +589,18 @@ fn find_inner(marker: &str) -> libc::pid_t {
     let deadline = Instant::now() + WAIT;
     loop {
         let found = processes().into_iter().find(|p| {
-            p.ppid == me && p.cmdline.split(|&b| b == 0).any(|word| word == marker.as_bytes())
+            p.ppid == me
+                && p.cmdline
+                    .split(|&b| b == 0)
+                    .any(|word| word == marker.as_bytes())
         });
         if let Some(found) = found {
             return found.pid;
         }
-        assert!(Instant::now() < deadline, "no inner init with marker {marker} among our children");
+        assert!(
+            Instant::now() < deadline,
+            "no inner init with marker {marker} among our children"
+        );
         thread::sleep(POLL);
     }
 }
@@ -510,7 +608,11 @@ fn find_inner(marker: &str) -> libc::pid_t {
 /// Whether this process has capability `cap` in its effective set.
 fn has_capability(cap: u32) -> bool {
     let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).expect("CapEff line").trim();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff line")
+        .trim();
     let set = u64::from_str_radix(hex, 16).expect("hex capability set");
     set & (1 << cap) != 0
 }
@@ -519,7 +621,10 @@ fn has_capability(cap: u32) -> bool {
 fn wait_until(description: &str, mut what: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !what() {
-        assert!(Instant::now() < deadline, "timed out waiting until {description}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {description}"
+        );
         thread::sleep(POLL);
     }
 }
@@ -563,21 +668,34 @@ fn t20_job_sees_its_own_pid_namespace() {
     if !lab("t20_job_sees_its_own_pid_namespace") {
         return;
     }
-    let script = "echo pid=$$; cat /proc/self/status; echo pgrp-sid=$(cut -d' ' -f5,6 /proc/$$/stat)";
+    let script =
+        "echo pid=$$; cat /proc/self/status; echo pgrp-sid=$(cut -d' ' -f5,6 /proc/$$/stat)";
     let finished = run(Spec::new(&[], &["sh", "-c", script]));
     assert_lines(&finished, "exit 0");
     let text = finished.text();
     assert!(text.lines().any(|l| l == "pid=2"), "{text}");
     let field = |name: &str| {
-        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
-        line[name.len()..].split_whitespace().map(str::to_owned).collect::<Vec<_>>()
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"));
+        line[name.len()..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
     };
     let pid = field("Pid:");
     let nspid = field("NSpid:");
     assert_eq!(nspid, pid, "NSpid must show the job's view only: {text}");
     let pid: u32 = pid[0].parse().expect("numeric pid");
-    assert!((2..10).contains(&pid), "pid {pid} inside the job is not small: {text}");
-    assert!(text.lines().any(|l| l == "pgrp-sid=2 2"), "the command leads its own session: {text}");
+    assert!(
+        (2..10).contains(&pid),
+        "pid {pid} inside the job is not small: {text}"
+    );
+    assert!(
+        text.lines().any(|l| l == "pgrp-sid=2 2"),
+        "the command leads its own session: {text}"
+    );
 }
 
 // --- identity and environment -------------------------------------------------
@@ -589,7 +707,14 @@ fn t30_runs_as_the_user() {
         return;
     }
     let options = ["--uid", "65534", "--gid", "4242", "--groups", "4243,4244"];
-    let finished = run(Spec::new(&options, &["sh", "-c", "id -u; id -g; id -G; grep -E '^(Uid|Gid|Groups|CapEff):' /proc/self/status"]));
+    let finished = run(Spec::new(
+        &options,
+        &[
+            "sh",
+            "-c",
+            "id -u; id -g; id -G; grep -E '^(Uid|Gid|Groups|CapEff):' /proc/self/status",
+        ],
+    ));
     assert_lines(&finished, "exit 0");
     let text = finished.text();
     let lines: Vec<&str> = text.lines().collect();
@@ -600,7 +725,10 @@ fn t30_runs_as_the_user() {
     assert_eq!(groups, ["4242", "4243", "4244"], "{text}");
     assert!(text.contains("Uid:\t65534\t65534\t65534\t65534"), "{text}");
     assert!(text.contains("Gid:\t4242\t4242\t4242\t4242"), "{text}");
-    assert!(text.contains("CapEff:\t0000000000000000"), "no capability left: {text}");
+    assert!(
+        text.contains("CapEff:\t0000000000000000"),
+        "no capability left: {text}"
+    );
 }
 
 /// Goal: cwd and umask are applied; a missing or forbidden cwd is reported
@@ -612,23 +740,42 @@ fn t31_cwd_and_umask() {
     }
     let dir = TempDir::new("cwd");
     let cwd = dir.0.to_str().expect("utf-8 temp path");
-    let finished = run(Spec::new(&["--cwd", cwd, "--umask", "027"], &["sh", "-c", "pwd; umask; touch f"]));
+    let finished = run(Spec::new(
+        &["--cwd", cwd, "--umask", "027"],
+        &["sh", "-c", "pwd; umask; touch f"],
+    ));
     assert_lines(&finished, "exit 0");
     assert_eq!(finished.text(), format!("{cwd}\n0027\n"));
-    let mode = fs::metadata(dir.0.join("f")).expect("file made by the job").permissions().mode();
+    let mode = fs::metadata(dir.0.join("f"))
+        .expect("file made by the job")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o640);
 
     let missing = dir.0.join("missing");
-    let finished = run(Spec::new(&["--cwd", missing.to_str().expect("utf-8")], &["true"]));
+    let finished = run(Spec::new(
+        &["--cwd", missing.to_str().expect("utf-8")],
+        &["true"],
+    ));
     assert_eq!(finished.lines[1..], ["started 2", "cwd-failed 2", "exit 1"]);
     assert_eq!(finished.ended, Ended::Exit(1));
 
     let private = dir.0.join("private");
     fs::create_dir(&private).expect("mkdir");
     fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).expect("chmod");
-    let options = ["--uid", "65534", "--gid", "65534", "--cwd", private.to_str().expect("utf-8")];
+    let options = [
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--cwd",
+        private.to_str().expect("utf-8"),
+    ];
     let finished = run(Spec::new(&options, &["true"]));
-    assert_eq!(finished.lines[1..], ["started 2", "cwd-failed 13", "exit 1"]);
+    assert_eq!(
+        finished.lines[1..],
+        ["started 2", "cwd-failed 13", "exit 1"]
+    );
     assert_eq!(finished.ended, Ended::Exit(1));
 }
 
@@ -638,21 +785,41 @@ fn t32_rlimits() {
     if !lab("t32_rlimits") {
         return;
     }
-    let mut ours = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `ours` is a valid out-pointer.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) }, 0);
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) };
+    assert_eq!(rc, 0, "getrlimit");
     // Above our own hard limit (but not above the kernel's fs.nr_open) when
     // root may raise hard limits; some sandboxes drop CAP_SYS_RESOURCE.
     let hard = if has_capability(CAP_SYS_RESOURCE) {
-        let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open").expect("nr_open").trim().parse().expect("number");
+        let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open")
+            .expect("nr_open")
+            .trim()
+            .parse()
+            .expect("number");
         ours.rlim_max.saturating_add(1).min(nr_open)
     } else {
         eprintln!("t32_rlimits: no CAP_SYS_RESOURCE here: not checking a raised hard limit");
         ours.rlim_max
     };
     let nofile = format!("nofile=256:{hard}");
-    let options = ["--uid", "65534", "--gid", "65534", "--rlimit", &nofile, "--rlimit", "core=0:unlimited"];
-    let finished = run(Spec::new(&options, &["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -Sc; ulimit -Hc"]));
+    let options = [
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--rlimit",
+        &nofile,
+        "--rlimit",
+        "core=0:unlimited",
+    ];
+    let finished = run(Spec::new(
+        &options,
+        &["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -Sc; ulimit -Hc"],
+    ));
     assert_lines(&finished, "exit 0");
     assert_eq!(finished.text(), format!("256\n{hard}\n0\nunlimited\n"));
 }
@@ -676,9 +843,15 @@ fn t33_environment_and_path_search() {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
     };
     write(&first.join(tool), "echo wrong one\n", 0o644);
-    write(&second.join(tool), "echo \"right one, KRG_TEST=$KRG_TEST\"\n", 0o755);
+    write(
+        &second.join(tool),
+        "echo \"right one, KRG_TEST=$KRG_TEST\"\n",
+        0o755,
+    );
     let path = format!("{}:{}:/usr/bin:/bin", first.display(), second.display());
-    let spec = Spec::new(&[], &[tool]).env("PATH", &path).env("KRG_TEST", "a b=c");
+    let spec = Spec::new(&[], &[tool])
+        .env("PATH", &path)
+        .env("KRG_TEST", "a b=c");
     let finished = run(spec);
     assert_lines(&finished, "exit 0");
     assert_eq!(finished.text(), "right one, KRG_TEST=a b=c\n");
@@ -694,14 +867,20 @@ fn t40_exec_failures() {
         return;
     }
     let finished = run(Spec::new(&[], &["krg-init-test-no-such-command"]));
-    assert_eq!(finished.lines[1..], ["started 2", "exec-failed 2", "exit 127"]);
+    assert_eq!(
+        finished.lines[1..],
+        ["started 2", "exec-failed 2", "exit 127"]
+    );
     assert_eq!(finished.ended, Ended::Exit(127));
 
     let dir = TempDir::new("noexec");
     let file = dir.0.join("data");
     fs::write(&file, "echo should not run\n").expect("write");
     let finished = run(Spec::new(&[], &[file.to_str().expect("utf-8")]));
-    assert_eq!(finished.lines[1..], ["started 2", "exec-failed 13", "exit 126"]);
+    assert_eq!(
+        finished.lines[1..],
+        ["started 2", "exec-failed 13", "exit 126"]
+    );
     assert_eq!(finished.ended, Ended::Exit(126));
     assert_eq!(finished.text(), "");
 }
@@ -724,7 +903,10 @@ fn t50_sigterm_reaches_the_command() {
     assert_eq!(finished.ended, Ended::Exit(3));
     // dash also reports on stderr that its `sleep` was "Terminated".
     let text = finished.text();
-    assert!(text.starts_with("ready\n") && text.contains("got TERM\n"), "{text:?}");
+    assert!(
+        text.starts_with("ready\n") && text.contains("got TERM\n"),
+        "{text:?}"
+    );
 }
 
 /// Goal: other catchable signals are forwarded too, one by one; SIGPIPE
@@ -777,11 +959,20 @@ fn t60_orphans_are_reaped() {
     let mut job = Job::start(Spec::new(&[], &["sh", "-c", script]));
     job.wait_output("spawned\n");
     let inner = job.inner();
-    let children = || processes().into_iter().filter(|p| p.ppid == inner).collect::<Vec<_>>();
+    let children = || {
+        processes()
+            .into_iter()
+            .filter(|p| p.ppid == inner)
+            .collect::<Vec<_>>()
+    };
     wait_until("the orphaned sleep is a child of the init", || {
-        children().iter().any(|p| cmdline_is(&p.cmdline, &["sleep", "1.5"]))
+        children()
+            .iter()
+            .any(|p| cmdline_is(&p.cmdline, &["sleep", "1.5"]))
     });
-    wait_until("the orphan has ended and been reaped", || children().len() == 1);
+    wait_until("the orphan has ended and been reaped", || {
+        children().len() == 1
+    });
     let left = children();
     assert_eq!(left[0].state, 'S', "the command waits on stdin: {left:?}");
     job.close_stdin();
@@ -801,7 +992,12 @@ fn t61_leftovers_die_with_the_job() {
     let script = format!("sleep {seconds} & echo bg; read x; exit 0");
     let mut job = Job::start(Spec::new(&[], &["sh", "-c", &script]));
     job.wait_output("bg\n");
-    let sleeping = || processes().into_iter().filter(|p| cmdline_is(&p.cmdline, &["sleep", &seconds])).count();
+    let sleeping = || {
+        processes()
+            .into_iter()
+            .filter(|p| cmdline_is(&p.cmdline, &["sleep", &seconds]))
+            .count()
+    };
     wait_until("the background sleep runs", || sleeping() == 1);
     job.close_stdin();
     let finished = job.finish();
@@ -817,7 +1013,9 @@ fn t70_stdio_bytes_are_intact() {
     if !lab("t70_stdio_bytes_are_intact") {
         return;
     }
-    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(7) ^ (i >> 8)) as u8).collect();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(7) ^ (i >> 8)) as u8)
+        .collect();
     let mut job = Job::start(Spec::new(&[], &["cat"]));
     let mut stdin = job.stdin.take().expect("stdin pipe");
     let input = data.clone();
@@ -825,7 +1023,12 @@ fn t70_stdio_bytes_are_intact() {
     let finished = job.finish();
     writer.join().expect("writer thread").expect("write stdin");
     assert_lines(&finished, "exit 0");
-    assert!(finished.output == data, "stdout differs from stdin ({} bytes vs {})", finished.output.len(), data.len());
+    assert!(
+        finished.output == data,
+        "stdout differs from stdin ({} bytes vs {})",
+        finished.output.len(),
+        data.len()
+    );
 }
 
 /// Goal: the status pipe (fd 3) and any other fd krgd leaks stay out of
@@ -852,9 +1055,18 @@ fn t72_pty_becomes_the_controlling_terminal() {
     let finished = run(Spec::new(&[], &["cat", "/proc/self/stat"]).pty());
     assert_lines(&finished, "exit 0");
     let text = finished.text();
-    let (_, rest) = text.rsplit_once(')').unwrap_or_else(|| panic!("no stat line in {text:?}"));
-    let fields: Vec<i64> = rest.split_whitespace().skip(1).take(5).map(|f| f.parse().expect("number")).collect();
-    let [_ppid, pgrp, session, tty_nr, tpgid] = fields[..] else { panic!("short stat line {text:?}") };
+    let (_, rest) = text
+        .rsplit_once(')')
+        .unwrap_or_else(|| panic!("no stat line in {text:?}"));
+    let fields: Vec<i64> = rest
+        .split_whitespace()
+        .skip(1)
+        .take(5)
+        .map(|f| f.parse().expect("number"))
+        .collect();
+    let [_ppid, pgrp, session, tty_nr, tpgid] = fields[..] else {
+        panic!("short stat line {text:?}")
+    };
     assert_eq!((pgrp, session), (2, 2), "{text}");
     assert_ne!(tty_nr, 0, "no controlling tty: {text}");
     assert_eq!(tpgid, 2, "the command is the foreground group: {text}");
@@ -891,26 +1103,58 @@ fn t90_bad_arguments_exit_2() {
     let cases: [&[&str]; 6] = [
         &["--gid", "0", "--cwd", "/", "--", "true"],
         &["--uid", "0", "--gid", "0", "--cwd", "/"],
-        &["--uid", "0", "--gid", "0", "--cwd", "/", "--umask", "999", "--", "true"],
-        &["--uid", "0", "--gid", "0", "--cwd", "/", "--rlimit", "bogus=1:2", "--", "true"],
+        &[
+            "--uid", "0", "--gid", "0", "--cwd", "/", "--umask", "999", "--", "true",
+        ],
+        &[
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--cwd",
+            "/",
+            "--rlimit",
+            "bogus=1:2",
+            "--",
+            "true",
+        ],
         &["--uid", "x", "--gid", "0", "--cwd", "/", "--", "true"],
-        &["--uid", "0", "--gid", "0", "--cwd", "/", "--frobnicate", "--", "true"],
+        &[
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--cwd",
+            "/",
+            "--frobnicate",
+            "--",
+            "true",
+        ],
     ];
     for args in cases {
         let (status_read, status_write) = pipe();
         let status_raw = status_write.as_raw_fd();
         let mut command = Command::new(KRG_INIT);
-        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe dup2/fcntl in the child.
         unsafe { command.pre_exec(move || give_fd(status_raw, 3)) };
         let output = command.output().expect("run krg-init");
         drop(command);
         drop(status_write);
         let mut status = String::new();
-        File::from(status_read).read_to_string(&mut status).expect("read status pipe");
+        File::from(status_read)
+            .read_to_string(&mut status)
+            .expect("read status pipe");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.starts_with("krg-init: ") && stderr.ends_with('\n'), "{args:?}: {stderr:?}");
+        assert!(
+            stderr.starts_with("krg-init: ") && stderr.ends_with('\n'),
+            "{args:?}: {stderr:?}"
+        );
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr:?}");
         assert!(output.stdout.is_empty(), "{args:?}");
         assert_eq!(status, "", "{args:?}");

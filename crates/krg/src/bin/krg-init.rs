@@ -44,9 +44,27 @@ fn main() {
     reaper::block_all_signals();
     sanitize_fds();
     let status = Status::new(STATUS_FD);
+    // Join the job's cgroups before forking, so that nothing of the job
+    // ever runs outside them.
+    for dir in &args.cgroups {
+        let procs = std::path::Path::new(dir).join("cgroup.procs");
+        if let Err(err) = std::fs::write(&procs, b"0") {
+            die(
+                &status,
+                Step::Cgroup,
+                err.raw_os_error().unwrap_or(libc::EIO),
+                "cannot join the job's cgroup",
+            );
+        }
+    }
     let namespaces = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC;
     if let Err(err) = unshare(namespaces) {
-        die(&status, Step::Unshare, err as i32, "cannot create the job's namespaces");
+        die(
+            &status,
+            Step::Unshare,
+            err as i32,
+            "cannot create the job's namespaces",
+        );
     }
     // The inner init waits for EOF on this gate, which comes when the outer
     // process exits after its `pid` line: `pid` is always the first line.
@@ -71,14 +89,35 @@ fn main() {
 fn inner_init(plan: &mut spawn::Plan, status: &Status) -> i32 {
     let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
     if let Err(err) = mount(None::<&str>, "/", None::<&str>, private, None::<&str>) {
-        die(status, Step::Mount, err as i32, "cannot make the job's mounts private");
+        die(
+            status,
+            Step::Mount,
+            err as i32,
+            "cannot make the job's mounts private",
+        );
     }
     let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if let Err(err) = mount(Some("proc"), "/proc", Some("proc"), proc_flags, None::<&str>) {
-        die(status, Step::Mount, err as i32, "cannot mount the job's /proc");
+    if let Err(err) = mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        proc_flags,
+        None::<&str>,
+    ) {
+        die(
+            status,
+            Step::Mount,
+            err as i32,
+            "cannot mount the job's /proc",
+        );
     }
     if let Err(err) = nix::unistd::setsid() {
-        die(status, Step::Setsid, err as i32, "cannot start the job's session");
+        die(
+            status,
+            Step::Setsid,
+            err as i32,
+            "cannot start the job's session",
+        );
     }
     let gate = gate(status);
     let pid = match spawn::fork_command(plan, status, gate) {
@@ -100,7 +139,10 @@ fn inner_init(plan: &mut spawn::Plan, status: &Status) -> i32 {
 
 /// Reports a failed step on fd 3 and on the job's stderr, and exits.
 fn die(status: &Status, step: Step, err: i32, what: &str) -> ! {
-    eprintln!("krg-init: {what}: {}", nix::errno::Errno::from_raw(err).desc());
+    eprintln!(
+        "krg-init: {what}: {}",
+        nix::errno::Errno::from_raw(err).desc()
+    );
     status.send(Line::new(step.word()).num(i64::from(err)));
     exit(EXIT_SETUP);
 }

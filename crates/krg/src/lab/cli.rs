@@ -139,8 +139,13 @@ pub fn run(command: LabCommand) -> Result<i32> {
                     list_suffix(&removed)
                 );
             } else {
+                let existed = super::list().contains(&name);
                 down_by_name(&name)?;
-                println!("krg lab: removed lab {name}");
+                if existed {
+                    println!("krg lab: removed lab {name}");
+                } else {
+                    println!("krg lab: there is no lab named {name} (nothing to remove)");
+                }
             }
             Ok(0)
         }

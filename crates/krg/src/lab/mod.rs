@@ -261,7 +261,7 @@ impl Lab {
         let index = record::allocate_index(&options.name)?;
         let cgroup_dirs = cgroup::lab_dirs(&options.name)?;
         let record = {
-            let mut record = self.cached();
+            let mut record = self.cached_mut();
             record.index = index;
             record.cgroup_dirs = cgroup_dirs.clone();
             record.clone()
@@ -296,21 +296,7 @@ impl Lab {
         let record = self.cached();
         self.step("starting krgd on node 1");
         self.spawn_daemon(1, None)?;
-        let krg = record.krg.clone();
-        poll(deadline, "node 1 to answer `krg cluster status`", || {
-            if let Some(dead) = self.dead_daemon(&[1]) {
-                return Check::Fatal(dead);
-            }
-            match self.run_timeout(
-                1,
-                &[krg.as_os_str(), "cluster".as_ref(), "status".as_ref()],
-                PROBE_TIMEOUT,
-            ) {
-                Ok(out) if out.status.success() => Check::Done(()),
-                Ok(out) => Check::NotYet(describe_failure(&out)),
-                Err(e) => Check::NotYet(e.to_string()),
-            }
-        })?;
+        self.wait_answering(1, deadline)?;
         let mut tokens = Vec::new();
         for k in 2..=record.nodes {
             tokens.push((
@@ -324,7 +310,33 @@ impl Lab {
             self.step(&format!("starting krgd on node {k}, joining {join}"));
             self.spawn_daemon(k, Some((join, token)))?;
         }
+        // Each node answers on its own socket (a joining krgd may serve it
+        // only once it has joined), and node 1 sees them all up.
+        for k in 2..=record.nodes {
+            self.wait_answering(k, deadline)?;
+        }
         self.wait_cluster_up(1, record.nodes, deadline)
+    }
+
+    /// Wait until `krg cluster status` succeeds through node K's socket;
+    /// fail early if its daemon dies.
+    fn wait_answering(&self, k: u32, deadline: Instant) -> Result<()> {
+        let krg = self.cached().krg;
+        let args = [krg.as_os_str(), "cluster".as_ref(), "status".as_ref()];
+        poll(
+            deadline,
+            &format!("node {k} to answer `krg cluster status`"),
+            || {
+                if let Some(dead) = self.dead_daemon(&[k]) {
+                    return Check::Fatal(dead);
+                }
+                match self.run_timeout(k, &args, PROBE_TIMEOUT) {
+                    Ok(out) if out.status.success() => Check::Done(()),
+                    Ok(out) => Check::NotYet(describe_failure(&out)),
+                    Err(e) => Check::NotYet(e.to_string()),
+                }
+            },
+        )
     }
 
     /// A single-use join token from node `k`.

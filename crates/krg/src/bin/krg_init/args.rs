@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! krg-init --uid U --gid G [--groups G1,G2,...] --cwd DIR [--umask OCTAL]
-//!          [--rlimit NAME=SOFT:HARD ...] [--pty] -- CMD ARGS...
+//!          [--rlimit NAME=SOFT:HARD ...] [--cgroup DIR ...] [--pty] -- CMD ARGS...
 //! ```
 //!
 //! Options take their value as the next word or after `=` (`--uid=1000`).
@@ -61,13 +61,15 @@ pub struct Args {
     pub umask: Option<u32>,
     pub rlimits: Vec<Rlimit>,
     pub pty: bool,
+    /// Cgroup directories the job joins before anything else happens.
+    pub cgroups: Vec<OsString>,
     /// `CMD ARGS...`, never empty.
     pub command: Vec<OsString>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
-    #[error("unknown option {0:?} (usage: krg-init --uid U --gid G [--groups G,...] --cwd DIR [--umask OCTAL] [--rlimit NAME=SOFT:HARD]... [--pty] -- CMD ARGS...)")]
+    #[error("unknown option {0:?} (usage: krg-init --uid U --gid G [--groups G,...] --cwd DIR [--umask OCTAL] [--rlimit NAME=SOFT:HARD]... [--cgroup DIR]... [--pty] -- CMD ARGS...)")]
     UnknownOption(String),
     #[error("unexpected word {0:?} before `--`; the command goes after `--`")]
     UnexpectedWord(String),
@@ -85,6 +87,8 @@ pub enum ArgsError {
     TooManyGroups { count: usize },
     #[error("--cwd {0:?} is not an absolute path")]
     RelativeCwd(OsString),
+    #[error("--cgroup {0:?} is not an absolute path")]
+    RelativeCgroup(OsString),
     #[error("--umask {0:?} is not an octal mode between 0 and 777")]
     BadUmask(String),
     #[error("--rlimit {value:?} is invalid: {reason}")]
@@ -102,6 +106,7 @@ enum Opt {
     Cwd,
     Umask,
     Rlimit,
+    Cgroup,
 }
 
 impl Opt {
@@ -113,6 +118,7 @@ impl Opt {
             "cwd" => Opt::Cwd,
             "umask" => Opt::Umask,
             "rlimit" => Opt::Rlimit,
+            "cgroup" => Opt::Cgroup,
             _ => return None,
         })
     }
@@ -125,6 +131,7 @@ impl Opt {
             Opt::Cwd => "cwd",
             Opt::Umask => "umask",
             Opt::Rlimit => "rlimit",
+            Opt::Cgroup => "cgroup",
         }
     }
 }
@@ -137,6 +144,7 @@ struct Partial {
     cwd: Option<OsString>,
     umask: Option<u32>,
     rlimits: Vec<Rlimit>,
+    cgroups: Vec<OsString>,
     pty: bool,
 }
 
@@ -197,6 +205,13 @@ impl Partial {
                 put(&mut self.cwd, value, opt)
             }
             Opt::Umask => put(&mut self.umask, parse_umask(&text)?, opt),
+            Opt::Cgroup => {
+                if !value.as_bytes().starts_with(b"/") {
+                    return Err(ArgsError::RelativeCgroup(value));
+                }
+                self.cgroups.push(value);
+                Ok(())
+            }
             Opt::Rlimit => {
                 let rlimit = parse_rlimit(&text)?;
                 if self.rlimits.iter().any(|r| r.resource == rlimit.resource) {
@@ -223,6 +238,7 @@ impl Partial {
             umask: self.umask,
             rlimits: self.rlimits,
             pty: self.pty,
+            cgroups: self.cgroups,
             command,
         })
     }
@@ -251,7 +267,10 @@ fn word_after_eq(word: &OsStr, name: &str) -> OsString {
 fn parse_id(opt: Opt, text: &str) -> Result<u32, ArgsError> {
     match parse_decimal(text).and_then(|n| u32::try_from(n).ok()) {
         Some(id) if id != u32::MAX => Ok(id),
-        _ => Err(ArgsError::BadId { option: opt.name(), value: text.to_owned() }),
+        _ => Err(ArgsError::BadId {
+            option: opt.name(),
+            value: text.to_owned(),
+        }),
     }
 }
 
@@ -276,7 +295,8 @@ fn parse_groups(text: &str) -> Result<Vec<u32>, ArgsError> {
 }
 
 fn parse_umask(text: &str) -> Result<u32, ArgsError> {
-    let octal = !text.is_empty() && text.len() <= 4 && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    let octal =
+        !text.is_empty() && text.len() <= 4 && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
     match u32::from_str_radix(text, 8) {
         Ok(mask) if octal && mask <= 0o777 => Ok(mask),
         _ => Err(ArgsError::BadUmask(text.to_owned())),
@@ -284,9 +304,16 @@ fn parse_umask(text: &str) -> Result<u32, ArgsError> {
 }
 
 fn parse_rlimit(text: &str) -> Result<Rlimit, ArgsError> {
-    let bad = |reason: &str| ArgsError::BadRlimit { value: text.to_owned(), reason: reason.to_owned() };
-    let (name, limits) = text.split_once('=').ok_or_else(|| bad("expected NAME=SOFT:HARD"))?;
-    let (soft, hard) = limits.split_once(':').ok_or_else(|| bad("expected NAME=SOFT:HARD"))?;
+    let bad = |reason: &str| ArgsError::BadRlimit {
+        value: text.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (name, limits) = text
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=SOFT:HARD"))?;
+    let (soft, hard) = limits
+        .split_once(':')
+        .ok_or_else(|| bad("expected NAME=SOFT:HARD"))?;
     let (name, resource) = RLIMIT_NAMES
         .iter()
         .copied()
@@ -297,7 +324,12 @@ fn parse_rlimit(text: &str) -> Result<Rlimit, ArgsError> {
     if soft > hard {
         return Err(bad("SOFT is above HARD"));
     }
-    Ok(Rlimit { name, resource, soft, hard })
+    Ok(Rlimit {
+        name,
+        resource,
+        soft,
+        hard,
+    })
 }
 
 fn parse_rlim(text: &str) -> Option<u64> {
@@ -322,8 +354,23 @@ mod tests {
     #[test]
     fn full_command_line() {
         let args = parse_str(&[
-            "--uid", "1000", "--gid=100", "--groups", "4,24,27", "--cwd", "/home/u", "--umask", "022",
-            "--rlimit", "nofile=1024:4096", "--rlimit=core=0:unlimited", "--pty", "--", "sh", "-c", "echo --uid",
+            "--uid",
+            "1000",
+            "--gid=100",
+            "--groups",
+            "4,24,27",
+            "--cwd",
+            "/home/u",
+            "--umask",
+            "022",
+            "--rlimit",
+            "nofile=1024:4096",
+            "--rlimit=core=0:unlimited",
+            "--pty",
+            "--",
+            "sh",
+            "-c",
+            "echo --uid",
         ])
         .expect("valid");
         assert_eq!(args.uid, 1000);
@@ -334,19 +381,26 @@ mod tests {
         assert_eq!(args.rlimits.len(), 2);
         assert_eq!(args.rlimits[0].resource, Resource::RLIMIT_NOFILE);
         assert_eq!((args.rlimits[0].soft, args.rlimits[0].hard), (1024, 4096));
-        assert_eq!((args.rlimits[1].soft, args.rlimits[1].hard), (0, libc::RLIM_INFINITY));
+        assert_eq!(
+            (args.rlimits[1].soft, args.rlimits[1].hard),
+            (0, libc::RLIM_INFINITY)
+        );
         assert!(args.pty);
         assert_eq!(args.command, words(&["sh", "-c", "echo --uid"]));
     }
 
     #[test]
     fn defaults() {
-        let args = parse_str(&["--uid", "0", "--gid", "0", "--cwd", "/", "--", "true"]).expect("valid");
+        let args =
+            parse_str(&["--uid", "0", "--gid", "0", "--cwd", "/", "--", "true"]).expect("valid");
         assert!(args.groups.is_empty());
         assert_eq!(args.umask, None);
         assert!(args.rlimits.is_empty());
         assert!(!args.pty);
-        let args = parse_str(&["--uid", "0", "--gid", "0", "--groups", "", "--cwd", "/", "--", "true"]).expect("valid");
+        let args = parse_str(&[
+            "--uid", "0", "--gid", "0", "--groups", "", "--cwd", "/", "--", "true",
+        ])
+        .expect("valid");
         assert!(args.groups.is_empty());
     }
 
@@ -363,7 +417,13 @@ mod tests {
         assert_eq!(args.command, vec![cmd]);
         let mut inline = OsString::from("--cwd=");
         inline.push(&cwd);
-        let list = vec![inline, "--uid=1".into(), "--gid=1".into(), "--".into(), "x".into()];
+        let list = vec![
+            inline,
+            "--uid=1".into(),
+            "--gid=1".into(),
+            "--".into(),
+            "x".into(),
+        ];
         assert_eq!(parse(list).expect("valid").cwd, cwd);
     }
 
@@ -377,34 +437,96 @@ mod tests {
             parse_str(&list)
         };
         let cmd = ["--", "true"];
-        assert_eq!(parse_str(&["--gid", "1", "--cwd", "/", "--", "x"]), Err(ArgsError::Required("uid")));
-        assert_eq!(parse_str(&["--uid", "1", "--cwd", "/", "--", "x"]), Err(ArgsError::Required("gid")));
-        assert_eq!(parse_str(&["--uid", "1", "--gid", "1", "--", "x"]), Err(ArgsError::Required("cwd")));
+        assert_eq!(
+            parse_str(&["--gid", "1", "--cwd", "/", "--", "x"]),
+            Err(ArgsError::Required("uid"))
+        );
+        assert_eq!(
+            parse_str(&["--uid", "1", "--cwd", "/", "--", "x"]),
+            Err(ArgsError::Required("gid"))
+        );
+        assert_eq!(
+            parse_str(&["--uid", "1", "--gid", "1", "--", "x"]),
+            Err(ArgsError::Required("cwd"))
+        );
         assert_eq!(with(&[], &[]), Err(ArgsError::NoCommand));
         assert_eq!(with(&[], &["--"]), Err(ArgsError::NoCommand));
-        assert_eq!(with(&["true"], &[]), Err(ArgsError::UnexpectedWord("true".into())));
-        assert_eq!(with(&["--uid", "2"], &cmd), Err(ArgsError::Duplicate("uid")));
-        assert_eq!(with(&["--pty", "--pty"], &cmd), Err(ArgsError::Duplicate("pty")));
-        assert_eq!(with(&["--pty=1"], &cmd), Err(ArgsError::UnexpectedValue("pty")));
-        assert_eq!(with(&["--bogus"], &cmd), Err(ArgsError::UnknownOption("--bogus".into())));
-        assert_eq!(with(&["--umask"], &[]), Err(ArgsError::MissingValue("umask")));
-        assert!(matches!(parse_str(&["--uid", "-1", "--gid", "1", "--cwd", "/", "--", "x"]), Err(ArgsError::BadId { .. })));
-        assert!(matches!(parse_str(&["--uid", "4294967295", "--gid", "1", "--cwd", "/", "--", "x"]), Err(ArgsError::BadId { .. })));
-        assert!(matches!(parse_str(&["--uid", "+1", "--gid", "1", "--cwd", "/", "--", "x"]), Err(ArgsError::BadId { .. })));
-        assert!(matches!(with(&["--groups", "1,,2"], &cmd), Err(ArgsError::BadId { .. })));
-        assert!(matches!(parse_str(&["--uid", "1", "--gid", "1", "--cwd", "tmp", "--", "x"]), Err(ArgsError::RelativeCwd(_))));
+        assert_eq!(
+            with(&["true"], &[]),
+            Err(ArgsError::UnexpectedWord("true".into()))
+        );
+        assert_eq!(
+            with(&["--uid", "2"], &cmd),
+            Err(ArgsError::Duplicate("uid"))
+        );
+        assert_eq!(
+            with(&["--pty", "--pty"], &cmd),
+            Err(ArgsError::Duplicate("pty"))
+        );
+        assert_eq!(
+            with(&["--pty=1"], &cmd),
+            Err(ArgsError::UnexpectedValue("pty"))
+        );
+        assert_eq!(
+            with(&["--bogus"], &cmd),
+            Err(ArgsError::UnknownOption("--bogus".into()))
+        );
+        assert_eq!(
+            with(&["--umask"], &[]),
+            Err(ArgsError::MissingValue("umask"))
+        );
+        assert!(matches!(
+            parse_str(&["--uid", "-1", "--gid", "1", "--cwd", "/", "--", "x"]),
+            Err(ArgsError::BadId { .. })
+        ));
+        assert!(matches!(
+            parse_str(&["--uid", "4294967295", "--gid", "1", "--cwd", "/", "--", "x"]),
+            Err(ArgsError::BadId { .. })
+        ));
+        assert!(matches!(
+            parse_str(&["--uid", "+1", "--gid", "1", "--cwd", "/", "--", "x"]),
+            Err(ArgsError::BadId { .. })
+        ));
+        assert!(matches!(
+            with(&["--groups", "1,,2"], &cmd),
+            Err(ArgsError::BadId { .. })
+        ));
+        assert!(matches!(
+            parse_str(&["--uid", "1", "--gid", "1", "--cwd", "tmp", "--", "x"]),
+            Err(ArgsError::RelativeCwd(_))
+        ));
         for umask in ["", "8", "1000", "0o22", "-1", "00000"] {
-            assert!(matches!(with(&["--umask", umask], &cmd), Err(ArgsError::BadUmask(_))), "{umask}");
+            assert!(
+                matches!(with(&["--umask", umask], &cmd), Err(ArgsError::BadUmask(_))),
+                "{umask}"
+            );
         }
-        for rlimit in ["nofile", "nofile=1", "nofile=2:1", "bogus=1:1", "nofile=x:1", "nofile=1:-1", "nofile=:1"] {
-            assert!(matches!(with(&["--rlimit", rlimit], &cmd), Err(ArgsError::BadRlimit { .. })), "{rlimit}");
+        for rlimit in [
+            "nofile",
+            "nofile=1",
+            "nofile=2:1",
+            "bogus=1:1",
+            "nofile=x:1",
+            "nofile=1:-1",
+            "nofile=:1",
+        ] {
+            assert!(
+                matches!(
+                    with(&["--rlimit", rlimit], &cmd),
+                    Err(ArgsError::BadRlimit { .. })
+                ),
+                "{rlimit}"
+            );
         }
         assert!(matches!(
             with(&["--rlimit", "nofile=1:1", "--rlimit", "nofile=2:2"], &cmd),
             Err(ArgsError::BadRlimit { .. })
         ));
         let too_many = vec!["7"; GROUPS_MAX + 1].join(",");
-        assert!(matches!(with(&["--groups", &too_many], &cmd), Err(ArgsError::TooManyGroups { .. })));
+        assert!(matches!(
+            with(&["--groups", &too_many], &cmd),
+            Err(ArgsError::TooManyGroups { .. })
+        ));
     }
 
     #[test]

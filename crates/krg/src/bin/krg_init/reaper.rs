@@ -18,7 +18,10 @@ pub enum End {
 impl End {
     fn from_wait_status(status: i32) -> End {
         if libc::WIFSIGNALED(status) {
-            End::Signal { signo: libc::WTERMSIG(status), core: libc::WCOREDUMP(status) }
+            End::Signal {
+                signo: libc::WTERMSIG(status),
+                core: libc::WCOREDUMP(status),
+            }
         } else {
             End::Exit(libc::WEXITSTATUS(status))
         }
@@ -37,7 +40,9 @@ impl End {
         match self {
             End::Exit(code) => Line::new("exit").num(i64::from(code)),
             End::Signal { signo, core: false } => Line::new("signal").num(i64::from(signo)),
-            End::Signal { signo, core: true } => Line::new("signal").num(i64::from(signo)).word("core"),
+            End::Signal { signo, core: true } => {
+                Line::new("signal").num(i64::from(signo)).word("core")
+            }
         }
     }
 }
@@ -142,9 +147,28 @@ mod tests {
     #[test]
     fn wait_statuses() {
         assert_eq!(End::from_wait_status(42 << 8), End::Exit(42));
-        assert_eq!(End::from_wait_status(9), End::Signal { signo: 9, core: false });
-        assert_eq!(End::from_wait_status(11 | 0x80), End::Signal { signo: 11, core: true });
+        assert_eq!(
+            End::from_wait_status(9),
+            End::Signal {
+                signo: 9,
+                core: false
+            }
+        );
+        assert_eq!(
+            End::from_wait_status(11 | 0x80),
+            End::Signal {
+                signo: 11,
+                core: true
+            }
+        );
         assert_eq!(End::Exit(42).code(), 42);
-        assert_eq!(End::Signal { signo: 9, core: false }.code(), 137);
+        assert_eq!(
+            End::Signal {
+                signo: 9,
+                core: false
+            }
+            .code(),
+            137
+        );
     }
 }

@@ -65,7 +65,9 @@ impl Plan {
         let mut sh_argv = vec![sh.as_ptr(), ptr::null()];
         sh_argv.extend(words.iter().skip(1).map(|w| w.as_ptr()));
         sh_argv.push(ptr::null());
-        let env: Vec<CString> = std::env::vars_os().map(|(k, v)| env_entry(&k, &v)).collect();
+        let env: Vec<CString> = std::env::vars_os()
+            .map(|(k, v)| env_entry(&k, &v))
+            .collect();
         let envp = null_terminated(&env);
         let path = std::env::var_os("PATH");
         let path = path.as_deref().map_or(PATH_DEFAULT, OsStrExt::as_bytes);
@@ -96,7 +98,11 @@ impl Plan {
 /// returns. `gate` is a pipe (both ends CLOEXEC): the child waits for EOF
 /// on `gate.0`, which comes when the parent closes `gate.1` after writing
 /// `started`, so that `started` always precedes the child's own lines.
-pub fn fork_command(plan: &mut Plan, status: &Status, gate: (RawFd, RawFd)) -> Result<libc::pid_t, i32> {
+pub fn fork_command(
+    plan: &mut Plan,
+    status: &Status,
+    gate: (RawFd, RawFd),
+) -> Result<libc::pid_t, i32> {
     // SAFETY: krg-init has a single thread, so the child is a faithful copy;
     // it then runs only `exec_child`, which is async-signal-safe.
     let pid = unsafe { libc::fork() };
@@ -224,7 +230,12 @@ fn exec(plan: &mut Plan) -> i32 {
         }
         match err {
             libc::EACCES => denied = true,
-            libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT | libc::ENAMETOOLONG => {}
+            libc::ENOENT
+            | libc::ENOTDIR
+            | libc::ESTALE
+            | libc::ENODEV
+            | libc::ETIMEDOUT
+            | libc::ENAMETOOLONG => {}
             _ => return err,
         }
     }
@@ -270,7 +281,8 @@ fn candidates(cmd: &[u8], path: &[u8]) -> Vec<CString> {
 
 /// Words from argv and the environment hold no NUL.
 fn c_string(word: &OsStr) -> CString {
-    CString::new(word.as_bytes()).expect("words from argv and paths built from them hold no NUL byte")
+    CString::new(word.as_bytes())
+        .expect("words from argv and paths built from them hold no NUL byte")
 }
 
 fn env_entry(key: &OsStr, value: &OsStr) -> CString {
@@ -281,7 +293,11 @@ fn env_entry(key: &OsStr, value: &OsStr) -> CString {
 }
 
 fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
-    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(ptr::null())).collect()
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(ptr::null()))
+        .collect()
 }
 
 fn sigset(full: bool) -> libc::sigset_t {
@@ -310,13 +326,21 @@ mod tests {
     use super::*;
 
     fn texts(list: Vec<CString>) -> Vec<String> {
-        list.into_iter().map(|c| c.into_string().expect("utf-8")).collect()
+        list.into_iter()
+            .map(|c| c.into_string().expect("utf-8"))
+            .collect()
     }
 
     #[test]
     fn search_like_execvp() {
-        assert_eq!(texts(candidates(b"ls", b"/usr/bin:/bin/")), ["/usr/bin/ls", "/bin/ls"]);
-        assert_eq!(texts(candidates(b"ls", b"/a::/b")), ["/a/ls", "ls", "/b/ls"]);
+        assert_eq!(
+            texts(candidates(b"ls", b"/usr/bin:/bin/")),
+            ["/usr/bin/ls", "/bin/ls"]
+        );
+        assert_eq!(
+            texts(candidates(b"ls", b"/a::/b")),
+            ["/a/ls", "ls", "/b/ls"]
+        );
         assert_eq!(texts(candidates(b"ls", b"")), ["ls"]);
         assert_eq!(texts(candidates(b"./x", b"/bin")), ["./x"]);
         assert_eq!(texts(candidates(b"/bin/ls", b"/usr/bin")), ["/bin/ls"]);

@@ -22,7 +22,10 @@ pub struct Line {
 
 impl Line {
     pub fn new(word: &str) -> Line {
-        let mut line = Line { buf: [0; LINE_BYTES_MAX], len: 0 };
+        let mut line = Line {
+            buf: [0; LINE_BYTES_MAX],
+            len: 0,
+        };
         line.push(word.as_bytes());
         line
     }
@@ -85,6 +88,7 @@ impl Line {
 /// `<step>-failed <errno>` on the status pipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    Cgroup,
     Unshare,
     Fork,
     Mount,
@@ -101,6 +105,7 @@ pub enum Step {
 impl Step {
     pub fn word(self) -> &'static str {
         match self {
+            Step::Cgroup => "cgroup-failed",
             Step::Unshare => "unshare-failed",
             Step::Fork => "fork-failed",
             Step::Mount => "mount-failed",
@@ -127,7 +132,10 @@ pub struct Status {
 
 impl Status {
     pub fn new(fd: RawFd) -> Status {
-        Status { fd, open: Cell::new(true) }
+        Status {
+            fd,
+            open: Cell::new(true),
+        }
     }
 
     /// Writes `line` and a newline. Async-signal-safe.
@@ -172,10 +180,22 @@ mod tests {
     fn lines() {
         assert_eq!(Line::new("pid").num(12345).text(), "pid 12345\n");
         assert_eq!(Line::new("exit").num(0).text(), "exit 0\n");
-        assert_eq!(Line::new("signal").num(11).word("core").text(), "signal 11 core\n");
-        assert_eq!(Line::new(Step::Exec.word()).num(2).text(), "exec-failed 2\n");
-        assert_eq!(Line::new("x").num(i64::MIN).text(), "x -9223372036854775808\n");
-        assert_eq!(Line::new("x").num(i64::MAX).text(), "x 9223372036854775807\n");
+        assert_eq!(
+            Line::new("signal").num(11).word("core").text(),
+            "signal 11 core\n"
+        );
+        assert_eq!(
+            Line::new(Step::Exec.word()).num(2).text(),
+            "exec-failed 2\n"
+        );
+        assert_eq!(
+            Line::new("x").num(i64::MIN).text(),
+            "x -9223372036854775808\n"
+        );
+        assert_eq!(
+            Line::new("x").num(i64::MAX).text(),
+            "x 9223372036854775807\n"
+        );
     }
 
     #[test]

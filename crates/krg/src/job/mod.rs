@@ -1,0 +1,106 @@
+//! Jobs: process trees started through krg, wherever they run.
+//!
+//! - `home`: the deputy side on the node where the job was launched (relays
+//!   the user's streams, keeps the job's record, log and exit status);
+//! - `body`: the execution side (krg-init, cgroup, pipes or pty);
+//! - `link`: the stream connection between the two when they are on
+//!   different nodes.
+
+pub mod body;
+pub mod cgroup;
+pub mod fdio;
+pub mod gpid;
+pub mod home;
+pub mod link;
+pub mod reap;
+pub mod spec;
+pub mod status;
+
+use crate::wire::stream::ExitStatus;
+use body::BodyCtl;
+use home::Deputy;
+use krg_types::{Gpid, NodeId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Stopped,
+    /// Its execution node went down.
+    Lost,
+    Exited,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Stopped => "stopped",
+            JobState::Lost => "lost",
+            JobState::Exited => "exited",
+        }
+    }
+}
+
+/// One line of `krg ps`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub gpid: Gpid,
+    pub uid: u32,
+    pub user: String,
+    pub home: NodeId,
+    /// Where the body runs (or last ran).
+    pub node: Option<NodeId>,
+    pub state: JobState,
+    pub cpu_ns: u64,
+    pub rss_bytes: u64,
+    pub started_ms: u64,
+    pub command: String,
+    pub exit: Option<ExitStatus>,
+}
+
+/// The jobs this node knows: bodies it runs and deputies it keeps.
+#[derive(Default)]
+pub struct JobTable {
+    bodies: Mutex<HashMap<Gpid, Arc<BodyCtl>>>,
+    deputies: Mutex<HashMap<Gpid, Arc<Deputy>>>,
+}
+
+impl JobTable {
+    pub fn bodies_insert(&self, ctl: Arc<BodyCtl>) {
+        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).insert(ctl.gpid, ctl);
+    }
+
+    pub fn bodies_remove(&self, gpid: Gpid) {
+        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).remove(&gpid);
+    }
+
+    pub fn body(&self, gpid: Gpid) -> Option<Arc<BodyCtl>> {
+        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).get(&gpid).cloned()
+    }
+
+    pub fn bodies(&self) -> Vec<Arc<BodyCtl>> {
+        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    pub fn body_count(&self) -> usize {
+        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn deputy_insert(&self, d: Arc<Deputy>) {
+        let mut deps = self.deputies.lock().unwrap_or_else(|p| p.into_inner());
+        home::prune_finished(&mut deps);
+        deps.insert(d.gpid, d);
+    }
+
+    pub fn deputy(&self, gpid: Gpid) -> Option<Arc<Deputy>> {
+        self.deputies.lock().unwrap_or_else(|p| p.into_inner()).get(&gpid).cloned()
+    }
+
+    pub fn deputies(&self) -> Vec<Arc<Deputy>> {
+        self.deputies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
