@@ -6,13 +6,15 @@ use crate::cluster::state::NodeRecord;
 use crate::cluster::types::{Command, Raft};
 use crate::gossip::View;
 use crate::identity::{ca, tls, Identity, StateDir};
+use crate::job::gpid::GpidAllocator;
+use crate::job::JobTable;
 use crate::node::config::NodeConfig;
 use crate::node::{now_ms, Node};
 use crate::peer::PeerPool;
 use anyhow::{bail, Context};
 use krg_types::NodeState;
 use openraft::BasicNode;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -151,7 +153,39 @@ async fn bootstrap_if_needed(node: &Arc<Node>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `krg-init`: as configured, else next to krgd, else on PATH.
+fn init_path(config: &NodeConfig) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = &config.init {
+        return Ok(p.clone());
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        let p = dir.join("krg-init");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join("krg-init");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("cannot find krg-init next to krgd or on PATH: install it or pass --init PATH")
+}
+
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    // Jobs' init processes are orphaned on purpose by the outer krg-init:
+    // they must become our children so we can reap them.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        bail!(
+            "cannot become a child subreaper: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let addr = advertise_addr(&config)?.to_string();
     let dir = StateDir::new(&config.state_dir);
     dir.ensure()?;
@@ -182,8 +216,17 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let server_tls = tls::server_config(&identity)?;
+    let logs_dir = dir.path("logs");
+    std::fs::create_dir_all(&logs_dir)
+        .with_context(|| format!("cannot create {}", logs_dir.display()))?;
+    let gpids = GpidAllocator::open(id, dir.path("gpid.next"))?;
     let node = Arc::new(Node {
         view: Mutex::new(View::new(id, now_ms(), Instant::now())),
+        jobs: JobTable::default(),
+        gpids,
+        init_path: init_path(&config)?,
+        logs_dir,
+        placements: Mutex::new(VecDeque::new()),
         config: config.clone(),
         id,
         identity,
@@ -200,7 +243,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     bootstrap_if_needed(&node).await?;
     let socket = bind_socket(&config.socket).await?;
     tokio::spawn(crate::api::server::serve(socket, node.clone()));
-    tokio::spawn(crate::gossip::task::run(node.clone(), || 0));
+    tokio::spawn(crate::gossip::task::run(node.clone()));
     tokio::spawn(crate::cluster::duties::run(node.clone()));
     tracing::info!(node = %node.id, addr = %node.addr, socket = %config.socket.display(), "krgd serving");
     eprintln!("krgd: ready");

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod features;
 pub mod gossip;
 pub mod identity;
+pub mod job;
 pub mod join;
 pub mod lab;
 pub mod node;

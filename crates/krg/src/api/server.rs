@@ -4,11 +4,16 @@
 use super::Caller;
 use crate::cluster::types::{Command, CommandResult};
 use crate::identity::{ca, token::JoinToken};
+use crate::job::ops;
 use crate::node::{now_ms, Node};
 use crate::wire::client::{ClientRequest, ClientResponse, ClientResult, ClusterStatus};
+use crate::wire::peer::WaitResult;
 use crate::wire::{ConnKind, ErrorCode, FrameConn, Hello, RemoteError};
 use krg_types::limits::{CLIENT_CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_MS, JOIN_TOKEN_TTL_SECS_MAX};
 use std::sync::Arc;
+
+/// Jobs one `krg kill` may name.
+const GPIDS_PER_REQUEST_MAX: usize = 4096;
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -75,6 +80,10 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> Result<(), String> {
         .recv_timeout(HANDSHAKE_TIMEOUT_MS)
         .await
         .map_err(|e| format!("uid {}: bad request: {e}", caller.uid))?;
+    if let ClientRequest::Run(run) = req {
+        crate::job::home::run(node, caller, *run, conn).await;
+        return Ok(());
+    }
     let resp = dispatch(&node, caller, req).await;
     conn.send(&resp).await.map_err(|e| e.to_string())
 }
@@ -115,6 +124,37 @@ async fn dispatch(node: &Arc<Node>, caller: Caller, req: ClientRequest) -> Clien
                 CommandResult::Refused(r) => Err(RemoteError::new(ErrorCode::Refused, r)),
                 _ => Ok(ClientResponse::Token(token.to_string())),
             }
+        }
+        ClientRequest::Run(_) => Err(RemoteError::new(
+            ErrorCode::BadRequest,
+            "run is served on its own",
+        )),
+        ClientRequest::Ps => Ok(ClientResponse::Jobs(ops::list_all(node).await)),
+        ClientRequest::Signal { gpids, signal } => {
+            if gpids.len() > GPIDS_PER_REQUEST_MAX {
+                return Err(RemoteError::new(
+                    ErrorCode::BadRequest,
+                    format!("at most {GPIDS_PER_REQUEST_MAX} jobs at once"),
+                ));
+            }
+            let mut results = Vec::with_capacity(gpids.len());
+            for g in gpids {
+                results.push((g, ops::signal(node, g, signal, caller.uid).await));
+            }
+            Ok(ClientResponse::Signaled(results))
+        }
+        ClientRequest::Wait { gpid } => loop {
+            match ops::wait_once(node, gpid, caller.uid).await? {
+                WaitResult::Running => continue,
+                done => return Ok(ClientResponse::Waited(done)),
+            }
+        },
+        ClientRequest::Logs { gpid, offset } => {
+            let (data, done) = ops::read_log(node, gpid, caller.uid, offset).await?;
+            Ok(ClientResponse::Log {
+                data: serde_bytes::ByteBuf::from(data),
+                done,
+            })
         }
         ClientRequest::Features => Ok(ClientResponse::Features(
             tokio::task::spawn_blocking(crate::features::probe)

@@ -125,6 +125,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         down_after: Duration::ZERO,
         gossip_interval: Duration::ZERO,
         load_scope: crate::probe::LoadScope::System,
+        init: None,
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

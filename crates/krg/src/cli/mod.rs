@@ -2,8 +2,14 @@
 
 pub mod cluster;
 pub mod doctor;
+pub mod kill;
+pub mod logs;
 pub mod nodes;
 pub mod output;
+pub mod ps;
+pub mod rsh;
+pub mod run;
+pub mod wait;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +32,18 @@ pub enum Command {
     Cluster(cluster::ClusterCommand),
     /// List the cluster's nodes with their state and load.
     Nodes(nodes::NodesArgs),
+    /// Run a program on the cluster, with its stdio, signals and exit status as if local.
+    Run(run::RunArgs),
+    /// List every job of the cluster.
+    Ps(ps::PsArgs),
+    /// Send a signal to jobs, wherever they run.
+    Kill(kill::KillArgs),
+    /// Wait for a job to end and exit with its status.
+    Wait(wait::WaitArgs),
+    /// Print the output of a detached job.
+    Logs(logs::LogsArgs),
+    /// Run a command on a node through your shell, as rsh/ssh do (also installed as krg-rsh).
+    Rsh(rsh::RshArgs),
     /// This machine as a node: join a cluster.
     #[command(subcommand)]
     Node(cluster::NodeCommand),
@@ -41,6 +59,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Cluster(c) => cluster::run(c),
         Command::Nodes(a) => nodes::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Ps(a) => ps::run(a),
+        Command::Kill(a) => kill::run(a),
+        Command::Wait(a) => wait::run(a),
+        Command::Logs(a) => logs::run(a),
+        Command::Rsh(a) => rsh::run(a),
         Command::Node(c) => cluster::run_node(c),
         Command::Doctor(a) => doctor::run(a),
         Command::Lab(c) => crate::lab::cli::run(c),

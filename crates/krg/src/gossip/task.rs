@@ -13,7 +13,7 @@ const FANOUT: usize = 4;
 /// Load is probed at most this often (probing walks cgroups and /proc).
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-pub async fn run(node: Arc<Node>, jobs: impl Fn() -> u32 + Send + 'static) {
+pub async fn run(node: Arc<Node>) {
     let mut prober = Prober::new(node.config.load_scope);
     let mut last_probe: Option<Instant> = None;
     let mut ticker = tokio::time::interval(node.config.gossip_interval);
@@ -22,7 +22,7 @@ pub async fn run(node: Arc<Node>, jobs: impl Fn() -> u32 + Send + 'static) {
         ticker.tick().await;
         let load = if last_probe.is_none_or(|t| t.elapsed() >= PROBE_INTERVAL) {
             last_probe = Some(Instant::now());
-            let n = jobs();
+            let n = u32::try_from(node.jobs.body_count()).unwrap_or(u32::MAX);
             Some(tokio::task::block_in_place(|| prober.sample(n)))
         } else {
             None

@@ -105,7 +105,10 @@ pub fn start(node: &Arc<Node>, spec: LaunchSpec) -> BodyLink {
     let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
     let (from_tx, from_rx) = mpsc::channel(LINK_FRAMES_MAX);
     tokio::spawn(run(node.clone(), spec, to_rx, from_tx));
-    BodyLink { tx: to_tx, rx: from_rx }
+    BodyLink {
+        tx: to_tx,
+        rx: from_rx,
+    }
 }
 
 struct Launched {
@@ -115,18 +118,41 @@ struct Launched {
     stderr: Option<Fd>,
     /// The pty master, for window sizes.
     pty: bool,
-    status: Fd,
+    status: StatusReader,
+}
+
+/// The status pipe and what is left of a partial line.
+struct StatusReader {
+    fd: Fd,
     splitter: LineSplitter,
+}
+
+impl StatusReader {
+    /// The next lines; `None` at end of file (the init is gone).
+    async fn next(&mut self) -> std::io::Result<Option<Vec<StatusLine>>> {
+        let mut buf = [0u8; 256];
+        let n = self.fd.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.splitter.push(&buf[..n]).map(Some)
+    }
 }
 
 fn failure(node: NodeId, spec: &LaunchSpec, step: &str, errno: i32) -> (RemoteError, i32) {
     let why = std::io::Error::from_raw_os_error(errno).to_string();
     let why = why.split(" (os error").next().unwrap_or(&why).to_string();
-    let cmd = spec.argv.first().map_or_else(String::new, |a| String::from_utf8_lossy(a).into_owned());
+    let cmd = spec
+        .argv
+        .first()
+        .map_or_else(String::new, |a| String::from_utf8_lossy(a).into_owned());
     match step {
         "exec" => {
             let code = if errno == libc::ENOENT { 127 } else { 126 };
-            (RemoteError::new(ErrorCode::NotFound, format!("{cmd}: {why}")), code)
+            (
+                RemoteError::new(ErrorCode::NotFound, format!("{cmd}: {why}")),
+                code,
+            )
         }
         "cwd" => (
             RemoteError::new(
@@ -139,7 +165,10 @@ fn failure(node: NodeId, spec: &LaunchSpec, step: &str, errno: i32) -> (RemoteEr
             1,
         ),
         other => (
-            RemoteError::new(ErrorCode::Internal, format!("cannot start the job on node {node} ({other}): {why}")),
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("cannot start the job on node {node} ({other}): {why}"),
+            ),
             1,
         ),
     }
@@ -147,7 +176,10 @@ fn failure(node: NodeId, spec: &LaunchSpec, step: &str, errno: i32) -> (RemoteEr
 
 fn internal(node: NodeId, what: &str, e: impl std::fmt::Display) -> (RemoteError, i32) {
     (
-        RemoteError::new(ErrorCode::Internal, format!("cannot start the job on node {node}: {what}: {e}")),
+        RemoteError::new(
+            ErrorCode::Internal,
+            format!("cannot start the job on node {node}: {what}: {e}"),
+        ),
         1,
     )
 }
@@ -175,7 +207,13 @@ fn init_args(spec: &LaunchSpec, cgroup: &JobCgroup) -> Vec<std::ffi::OsString> {
         );
     }
     for r in &spec.rlimits {
-        let v = |x: u64| if x == libc::RLIM_INFINITY { "unlimited".to_string() } else { x.to_string() };
+        let v = |x: u64| {
+            if x == libc::RLIM_INFINITY {
+                "unlimited".to_string()
+            } else {
+                x.to_string()
+            }
+        };
         a.push("--rlimit".into());
         a.push(format!("{}={}:{}", r.resource, v(r.soft), v(r.hard)).into());
     }
@@ -219,8 +257,10 @@ async fn launch(node: &Arc<Node>, spec: &LaunchSpec) -> Result<Launched, (Remote
                 stdout,
                 stderr,
                 pty,
-                status,
-                splitter: LineSplitter::default(),
+                status: StatusReader {
+                    fd: status,
+                    splitter: LineSplitter::default(),
+                },
             })
         }
         Err(e) => {
@@ -232,7 +272,11 @@ async fn launch(node: &Arc<Node>, spec: &LaunchSpec) -> Result<Launched, (Remote
 
 type Spawned = (Fd, Fd, Option<Fd>, Fd, bool);
 
-async fn spawn_init(node: &Arc<Node>, spec: &LaunchSpec, cgroup: &JobCgroup) -> Result<Spawned, (RemoteError, i32)> {
+async fn spawn_init(
+    node: &Arc<Node>,
+    spec: &LaunchSpec,
+    cgroup: &JobCgroup,
+) -> Result<Spawned, (RemoteError, i32)> {
     let me = node.id;
     let io = |what: &'static str| move |e: std::io::Error| internal(me, what, e);
     let (status_r, status_w) = pipe().map_err(io("status pipe"))?;
@@ -266,7 +310,10 @@ async fn spawn_init(node: &Arc<Node>, spec: &LaunchSpec, cgroup: &JobCgroup) -> 
         .env_clear()
         .envs(spec.env.iter().filter_map(|e| {
             let pos = e.iter().position(|b| *b == b'=')?;
-            Some((OsStr::from_bytes(&e[..pos]), OsStr::from_bytes(&e[pos + 1..])))
+            Some((
+                OsStr::from_bytes(&e[..pos]),
+                OsStr::from_bytes(&e[pos + 1..]),
+            ))
         }))
         .env("KRG_GPID", spec.gpid.to_string())
         .env("KRG_NODE", node.id.to_string())
@@ -284,7 +331,9 @@ async fn spawn_init(node: &Arc<Node>, spec: &LaunchSpec, cgroup: &JobCgroup) -> 
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| internal(me, "cannot run krg-init", e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| internal(me, "cannot run krg-init", e))?;
     drop(cmd);
     drop(status_w);
     // The outer krg-init exits at once; reap it off the runtime's threads.
@@ -299,16 +348,12 @@ async fn spawn_init(node: &Arc<Node>, spec: &LaunchSpec, cgroup: &JobCgroup) -> 
     ))
 }
 
-async fn read_status(l: &mut Launched) -> std::io::Result<Option<Vec<StatusLine>>> {
-    let mut buf = [0u8; 256];
-    let n = l.status.read(&mut buf).await?;
-    if n == 0 {
-        return Ok(None);
-    }
-    l.splitter.push(&buf[..n]).map(Some)
-}
-
-async fn run(node: Arc<Node>, spec: LaunchSpec, rx: mpsc::Receiver<ToBody>, tx: mpsc::Sender<FromBody>) {
+async fn run(
+    node: Arc<Node>,
+    spec: LaunchSpec,
+    rx: mpsc::Receiver<ToBody>,
+    tx: mpsc::Sender<FromBody>,
+) {
     let gpid = spec.gpid;
     let mut l = match launch(&node, &spec).await {
         Ok(l) => l,
@@ -319,7 +364,7 @@ async fn run(node: Arc<Node>, spec: LaunchSpec, rx: mpsc::Receiver<ToBody>, tx: 
     };
     // The first line is the init's host pid (krg-init guarantees the order).
     let init_pid = loop {
-        match read_status(&mut l).await {
+        match l.status.next().await {
             Ok(Some(lines)) => {
                 if let Some(StatusLine::Pid(p)) = lines.first() {
                     break Some(*p);
@@ -329,7 +374,8 @@ async fn run(node: Arc<Node>, spec: LaunchSpec, rx: mpsc::Receiver<ToBody>, tx: 
         }
     };
     let Some(init_pid) = init_pid else {
-        let (error, exit_code) = internal(node.id, "krg-init", "it exited without reporting its pid");
+        let (error, exit_code) =
+            internal(node.id, "krg-init", "it exited without reporting its pid");
         let _ = tx.send(FromBody::Failed { error, exit_code }).await;
         tokio::task::block_in_place(|| l.ctl.cgroup.remove());
         return;
@@ -337,18 +383,26 @@ async fn run(node: Arc<Node>, spec: LaunchSpec, rx: mpsc::Receiver<ToBody>, tx: 
     l.ctl.init_pid.store(init_pid, Ordering::SeqCst);
     node.jobs.bodies_insert(l.ctl.clone());
     tracing::debug!(gpid = %gpid, pid = init_pid, "job started");
-    let _ = tx.send(FromBody::Started { gpid, node: node.id }).await;
+    let _ = tx
+        .send(FromBody::Started {
+            gpid,
+            node: node.id,
+        })
+        .await;
 
     let ctl = l.ctl.clone();
     let out_task = tokio::spawn(pump_out(l.stdout, tx.clone(), false));
-    let err_task = l.stderr.take().map(|fd| tokio::spawn(pump_out(fd, tx.clone(), true)));
+    let err_task = l
+        .stderr
+        .take()
+        .map(|fd| tokio::spawn(pump_out(fd, tx.clone(), true)));
     let stdin_fd = l.stdin.take();
     let control = tokio::spawn(control(rx, ctl.clone(), stdin_fd, l.pty, tx.clone()));
 
     // Status lines until EOF (init gone), then the init's own wait status.
     let mut reported: Option<ExitStatus> = None;
     loop {
-        match read_status(&mut l).await {
+        match l.status.next().await {
             Ok(Some(lines)) => {
                 for line in lines {
                     match line {
@@ -357,7 +411,9 @@ async fn run(node: Arc<Node>, spec: LaunchSpec, rx: mpsc::Receiver<ToBody>, tx: 
                             let _ = tx.send(FromBody::Failed { error, exit_code }).await;
                         }
                         StatusLine::Exit(c) => reported = Some(ExitStatus::Code(c)),
-                        StatusLine::Signal { signal, core } => reported = Some(ExitStatus::Signal { signal, core }),
+                        StatusLine::Signal { signal, core } => {
+                            reported = Some(ExitStatus::Signal { signal, core })
+                        }
                         StatusLine::Pid(_) | StatusLine::Started(_) => {}
                     }
                 }
@@ -399,7 +455,11 @@ async fn pump_out(fd: Fd, tx: mpsc::Sender<FromBody>, stderr: bool) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let chunk = ByteBuf::from(buf[..n].to_vec());
-                let frame = if stderr { FromBody::Stderr(chunk) } else { FromBody::Stdout(chunk) };
+                let frame = if stderr {
+                    FromBody::Stderr(chunk)
+                } else {
+                    FromBody::Stdout(chunk)
+                };
                 if tx.send(frame).await.is_err() {
                     break;
                 }
@@ -468,13 +528,21 @@ impl StdinQueue {
             return;
         }
         *bytes += len;
-        self.items.lock().unwrap_or_else(|p| p.into_inner()).push_back(item);
+        self.items
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(item);
         self.ready.notify_one();
     }
 
     async fn pop(&self) -> Option<Vec<u8>> {
         loop {
-            if let Some(item) = self.items.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+            if let Some(item) = self
+                .items
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+            {
                 return item;
             }
             self.ready.notified().await;

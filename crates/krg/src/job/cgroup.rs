@@ -32,7 +32,9 @@ impl JobCgroup {
         let controllers: &[&str] = if v2 { &[""] } else { &V1_CONTROLLERS };
         for ctrl in controllers {
             let Some(base) = own_dir(ctrl) else { continue };
-            let Ok(base) = base.canonicalize() else { continue };
+            let Ok(base) = base.canonicalize() else {
+                continue;
+            };
             let dir = base.join("krg-jobs").join(name);
             if dirs.contains(&dir) {
                 continue;
@@ -41,7 +43,9 @@ impl JobCgroup {
             dirs.push(dir);
         }
         if dirs.is_empty() {
-            return Err(std::io::Error::other("krgd has no cgroup to create jobs in"));
+            return Err(std::io::Error::other(
+                "krgd has no cgroup to create jobs in",
+            ));
         }
         Ok(JobCgroup { dirs, v2 })
     }
@@ -57,7 +61,9 @@ impl JobCgroup {
 
     /// Every pid in the job.
     pub fn pids(&self) -> Vec<i32> {
-        let Some(procs) = self.dir_with("cgroup.procs") else { return vec![] };
+        let Some(procs) = self.dir_with("cgroup.procs") else {
+            return vec![];
+        };
         fs::read_to_string(procs)
             .unwrap_or_default()
             .lines()
@@ -68,7 +74,10 @@ impl JobCgroup {
     /// CPU time used by the job, in nanoseconds.
     pub fn cpu_ns(&self) -> u64 {
         if self.v2 {
-            let text = self.dir_with("cpu.stat").and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
+            let text = self
+                .dir_with("cpu.stat")
+                .and_then(|p| fs::read_to_string(p).ok())
+                .unwrap_or_default();
             return text
                 .lines()
                 .find_map(|l| l.strip_prefix("usage_usec "))
@@ -90,7 +99,10 @@ impl JobCgroup {
                 .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0);
         }
-        let stat = self.dir_with("memory.stat").and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
+        let stat = self
+            .dir_with("memory.stat")
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default();
         let field = |name: &str| {
             stat.lines()
                 .find_map(|l| l.strip_prefix(name))
@@ -108,12 +120,15 @@ impl JobCgroup {
             return fs::write(p, if frozen { "1" } else { "0" });
         }
         let Some(p) = self.dir_with("freezer.state") else {
-            return Err(std::io::Error::other("the freezer controller is not available"));
+            return Err(std::io::Error::other(
+                "the freezer controller is not available",
+            ));
         };
         fs::write(&p, if frozen { "FROZEN" } else { "THAWED" })?;
         let deadline = Instant::now() + Duration::from_secs(2);
         let want = if frozen { "FROZEN" } else { "THAWED" };
-        while fs::read_to_string(&p).unwrap_or_default().trim() != want && Instant::now() < deadline {
+        while fs::read_to_string(&p).unwrap_or_default().trim() != want && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(2));
         }
         Ok(())

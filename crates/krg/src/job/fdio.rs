@@ -26,9 +26,10 @@ pub struct Fd {
 impl Fd {
     pub fn new(fd: OwnedFd) -> io::Result<Fd> {
         set_nonblocking(&fd)?;
-        Ok(Fd {
-            inner: AsyncFd::new(fd)?,
-        })
+        // SAFETY: an OwnedFd is valid and open, and stays the same
+        // descriptor for as long as the AsyncFd owns it.
+        let inner = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        Ok(Fd { inner })
     }
 
     pub fn raw(&self) -> i32 {

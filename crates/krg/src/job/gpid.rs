@@ -11,7 +11,10 @@ const BLOCK: u64 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum GpidAllocError {
     #[error("cannot record gpid reservations in {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("this node has used all {GPID_SEQ_MAX} gpid sequence numbers")]
     Exhausted,
 }

@@ -12,6 +12,8 @@ pub mod fdio;
 pub mod gpid;
 pub mod home;
 pub mod link;
+pub mod ops;
+pub mod place;
 pub mod reap;
 pub mod spec;
 pub mod status;
@@ -71,19 +73,34 @@ pub struct JobTable {
 
 impl JobTable {
     pub fn bodies_insert(&self, ctl: Arc<BodyCtl>) {
-        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).insert(ctl.gpid, ctl);
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ctl.gpid, ctl);
     }
 
     pub fn bodies_remove(&self, gpid: Gpid) {
-        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).remove(&gpid);
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&gpid);
     }
 
     pub fn body(&self, gpid: Gpid) -> Option<Arc<BodyCtl>> {
-        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).get(&gpid).cloned()
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&gpid)
+            .cloned()
     }
 
     pub fn bodies(&self) -> Vec<Arc<BodyCtl>> {
-        self.bodies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn body_count(&self) -> usize {
@@ -97,10 +114,19 @@ impl JobTable {
     }
 
     pub fn deputy(&self, gpid: Gpid) -> Option<Arc<Deputy>> {
-        self.deputies.lock().unwrap_or_else(|p| p.into_inner()).get(&gpid).cloned()
+        self.deputies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&gpid)
+            .cloned()
     }
 
     pub fn deputies(&self) -> Vec<Arc<Deputy>> {
-        self.deputies.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.deputies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

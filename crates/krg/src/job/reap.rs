@@ -53,7 +53,10 @@ pub async fn wait(pid: i32) -> io::Result<Option<WaitStatus>> {
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let afd = AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)?;
+    // SAFETY: an OwnedFd is valid and open, and stays the same descriptor
+    // for as long as the AsyncFd owns it.
+    let afd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
     // Readable once the process has exited.
     let _ready = afd.readable().await?;
     // It is a zombie now; it may take a moment to be reparented to us.
@@ -70,7 +73,9 @@ pub async fn wait(pid: i32) -> io::Result<Option<WaitStatus>> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    Err(io::Error::other(format!("process {pid} exited but could not be reaped")))
+    Err(io::Error::other(format!(
+        "process {pid} exited but could not be reaped"
+    )))
 }
 
 /// About two seconds of 1 ms polls.

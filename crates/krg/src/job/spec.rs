@@ -138,7 +138,10 @@ mod tests {
 
     fn req(argv: &[&str], env_bytes: usize) -> RunRequest {
         RunRequest {
-            argv: argv.iter().map(|a| ByteBuf::from(a.as_bytes().to_vec())).collect(),
+            argv: argv
+                .iter()
+                .map(|a| ByteBuf::from(a.as_bytes().to_vec()))
+                .collect(),
             env: vec![ByteBuf::from(vec![b'x'; env_bytes])],
             cwd: ByteBuf::from(b"/tmp".to_vec()),
             umask: 0o022,
@@ -154,7 +157,10 @@ mod tests {
     fn bounds_are_enforced() {
         assert_eq!(req(&["true"], 10).check(), Ok(()));
         assert_eq!(req(&[], 10).check(), Err(SpecError::NoCommand));
-        assert!(matches!(req(&["true"], ENV_BYTES_MAX + 1).check(), Err(SpecError::EnvTooLarge(_))));
+        assert!(matches!(
+            req(&["true"], ENV_BYTES_MAX + 1).check(),
+            Err(SpecError::EnvTooLarge(_))
+        ));
         let mut r = req(&["true"], 1);
         r.cwd = ByteBuf::from(b"relative".to_vec());
         assert_eq!(r.check(), Err(SpecError::BadCwd));

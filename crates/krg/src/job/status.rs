@@ -9,9 +9,15 @@ pub enum StatusLine {
     /// pid of the command inside the job's PID namespace.
     Started(i32),
     /// A step before exec failed (`exec`, `cwd`, `uid`, ...).
-    Failed { step: String, errno: i32 },
+    Failed {
+        step: String,
+        errno: i32,
+    },
     Exit(i32),
-    Signal { signal: i32, core: bool },
+    Signal {
+        signal: i32,
+        core: bool,
+    },
 }
 
 /// Longest status line accepted.
@@ -78,12 +84,24 @@ mod tests {
             vec![
                 StatusLine::Pid(123),
                 StatusLine::Started(2),
-                StatusLine::Failed { step: "exec".into(), errno: 2 },
+                StatusLine::Failed {
+                    step: "exec".into(),
+                    errno: 2
+                },
                 StatusLine::Exit(127),
-                StatusLine::Signal { signal: 9, core: true },
+                StatusLine::Signal {
+                    signal: 9,
+                    core: true
+                },
             ]
         );
-        assert_eq!(s.push(b"nal 15\n").unwrap(), vec![StatusLine::Signal { signal: 15, core: false }]);
+        assert_eq!(
+            s.push(b"nal 15\n").unwrap(),
+            vec![StatusLine::Signal {
+                signal: 15,
+                core: false
+            }]
+        );
         assert!(s.push(&[b'x'; 200]).is_err());
     }
 }

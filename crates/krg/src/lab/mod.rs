@@ -273,9 +273,11 @@ impl Lab {
             names::subnet(index),
             options.nodes
         ));
-        make_private_dir(&self.names.images_dir())?;
+        // Like /run/krg on a real node: every user reaches the socket (each
+        // request is authorised by krgd); state and images stay private.
+        make_dir(&self.names.images_dir(), 0o711)?;
         for k in 1..=options.nodes {
-            make_private_dir(&self.names.node_dir(k))?;
+            make_dir(&self.names.node_dir(k), 0o755)?;
             make_private_dir(&self.names.state_dir(k))?;
         }
         cgroup::create_lab(&cgroup_dirs)?;
@@ -1023,9 +1025,13 @@ fn remove_dir_all_if_present(dir: &Path) -> Result<()> {
 }
 
 fn make_private_dir(dir: &Path) -> Result<()> {
+    make_dir(dir, 0o700)
+}
+
+fn make_dir(dir: &Path, mode: u32) -> Result<()> {
     DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)
         .with_context(|| format!("krg lab: cannot create {}", dir.display()))
 }

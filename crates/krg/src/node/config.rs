@@ -38,6 +38,9 @@ pub struct NodeConfig {
     /// Time between gossip rounds.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub gossip_interval: Duration,
+    /// The krg-init binary (default: next to krgd, else on PATH).
+    #[arg(long, env = "KRG_INIT")]
+    pub init: Option<PathBuf>,
     /// Whose load this node reports: the machine's, or its cgroup's (lab nodes).
     #[arg(long, value_enum, default_value = "system")]
     pub load_scope: LoadScope,

@@ -8,14 +8,19 @@ use crate::cluster::store::SharedState;
 use crate::cluster::types::{Command, CommandResult, Raft};
 use crate::gossip::{Liveness, View};
 use crate::identity::{ca, token, Identity};
+use crate::job::gpid::GpidAllocator;
+use crate::job::JobTable;
 use crate::peer::PeerPool;
 use crate::wire::client::NodeView;
 use crate::wire::peer::{JoinAccepted, JoinRequest, JoinResponse, PeerRequest, PeerResponse};
 use crate::wire::{ErrorCode, RemoteError};
 use config::NodeConfig;
 use krg_types::limits::SHORT_STRING_BYTES_MAX;
+use krg_types::Gpid;
 use krg_types::{NodeId, NodeState};
 use openraft::error::{ClientWriteError, RaftError};
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +41,14 @@ pub struct Node {
     pub state: SharedState,
     pub peers: Arc<PeerPool>,
     pub view: Mutex<View>,
+    pub jobs: JobTable,
+    pub gpids: GpidAllocator,
+    /// The `krg-init` binary jobs start with.
+    pub init_path: PathBuf,
+    /// Where detached jobs' logs go.
+    pub logs_dir: PathBuf,
+    /// Recent placements, counted until gossip reports them.
+    pub placements: Mutex<VecDeque<(NodeId, Instant)>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -51,6 +64,11 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
 impl Node {
     pub fn view(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn log_path(&self, gpid: Gpid) -> PathBuf {
+        self.logs_dir
+            .join(format!("{}-{}.log", gpid.home_node(), gpid.seq()))
     }
 
     pub fn leader(&self) -> Option<NodeId> {
@@ -150,7 +168,32 @@ impl Node {
                     return Err(err(ErrorCode::BadRequest, reason));
                 }
                 self.view().merge(&msg, Instant::now());
-                Ok(PeerResponse::Proposed(CommandResult::Ok))
+                Ok(PeerResponse::Done)
+            }
+            PeerRequest::ListJobs => Ok(PeerResponse::Jobs(crate::job::ops::local_jobs(self))),
+            PeerRequest::LocateJob { gpid } => Ok(PeerResponse::Located(
+                self.jobs.deputy(gpid).map(|d| d.exec_node()),
+            )),
+            PeerRequest::SignalJob { gpid, signal, uid } => {
+                crate::job::ops::signal_local(self, gpid, signal, uid).map(|()| PeerResponse::Done)
+            }
+            PeerRequest::WaitJob {
+                gpid,
+                uid,
+                timeout_ms,
+            } => {
+                let t = Duration::from_millis(timeout_ms).min(crate::job::ops::WAIT_POLL);
+                crate::job::ops::wait_local(self, gpid, uid, t)
+                    .await
+                    .map(PeerResponse::Waited)
+            }
+            PeerRequest::ReadLog { gpid, uid, offset } => {
+                crate::job::ops::read_log_local(self, gpid, uid, offset).map(|(data, done)| {
+                    PeerResponse::Log {
+                        data: serde_bytes::ByteBuf::from(data),
+                        done,
+                    }
+                })
             }
         }
     }

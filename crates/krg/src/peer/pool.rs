@@ -71,6 +71,11 @@ impl PeerPool {
         }
     }
 
+    /// The client TLS configuration (for connections outside the pool).
+    pub fn tls(&self) -> Arc<ClientConfig> {
+        self.tls.clone()
+    }
+
     /// Sends a request and waits for its response.
     pub async fn call(
         &self,

@@ -105,7 +105,20 @@ async fn handle(
                 .map_err(|e| e.to_string())?;
             rpc_loop(conn, from, node).await
         }
-        ConnKind::Stream | ConnKind::Client => {
+        ConnKind::Stream => {
+            let from = match authenticate(peer.as_deref(), &node) {
+                Ok(id) => id,
+                Err(reason) => {
+                    let _ = conn
+                        .send(&Err::<(), _>(RemoteError::new(ErrorCode::PermissionDenied, reason.clone())))
+                        .await;
+                    return Err(reason);
+                }
+            };
+            conn.send(&Ok::<(), RemoteError>(())).await.map_err(|e| e.to_string())?;
+            crate::job::link::serve(node, from, conn).await
+        }
+        ConnKind::Client => {
             let reason = format!(
                 "connection kind {:?} is not served on the node port",
                 hello.kind

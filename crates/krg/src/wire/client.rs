@@ -1,9 +1,13 @@
 //! Messages between a user's `krg` and the local krgd on the Unix socket.
 
 use crate::gossip::NodeLoad;
+use crate::job::spec::RunRequest;
+use crate::job::JobInfo;
+use crate::wire::peer::WaitResult;
 use crate::wire::RemoteError;
-use krg_types::{NodeId, NodeState};
+use krg_types::{Gpid, NodeId, NodeState};
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ClientRequest {
@@ -15,6 +19,17 @@ pub enum ClientRequest {
     CreateToken { ttl_secs: u64 },
     /// `krg doctor` / `krg node features`
     Features,
+    /// `krg run`: after this request the connection carries the job's
+    /// streams (`ToBody` from the client, `FromBody` to it).
+    Run(Box<RunRequest>),
+    /// `krg ps`
+    Ps,
+    /// `krg kill`
+    Signal { gpids: Vec<Gpid>, signal: i32 },
+    /// `krg wait`: answers when the job has ended.
+    Wait { gpid: Gpid },
+    /// `krg logs`: a chunk of a detached job's log from `offset`.
+    Logs { gpid: Gpid, offset: u64 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -23,6 +38,10 @@ pub enum ClientResponse {
     Nodes(Vec<NodeView>),
     Token(String),
     Features(crate::features::Features),
+    Jobs(Vec<JobInfo>),
+    Signaled(Vec<(Gpid, Result<(), RemoteError>)>),
+    Waited(WaitResult),
+    Log { data: ByteBuf, done: bool },
 }
 
 pub type ClientResult = Result<ClientResponse, RemoteError>;

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod peer;
+pub mod stream;
 
 use futures::{SinkExt, StreamExt};
 use krg_types::limits::FRAME_BYTES_MAX;

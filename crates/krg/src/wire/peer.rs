@@ -2,14 +2,17 @@
 
 use crate::cluster::types::{Command, CommandResult, TypeConfig};
 use crate::gossip::GossipMsg;
+use crate::job::JobInfo;
+use crate::wire::stream::ExitStatus;
 use crate::wire::RemoteError;
-use krg_types::NodeId;
+use krg_types::{Gpid, NodeId};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 /// A frame on an `Rpc` connection. Requests with `id == 0` expect no reply.
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,6 +36,30 @@ pub enum PeerRequest {
     Propose(Command),
     /// Heartbeats and load, one-way.
     Gossip(GossipMsg),
+    /// Jobs this node runs or keeps (for `krg ps`).
+    ListJobs,
+    /// Where the body of a job runs, asked of its home node.
+    LocateJob {
+        gpid: Gpid,
+    },
+    /// Signal a body running there; `uid` is the caller's, from its socket.
+    SignalJob {
+        gpid: Gpid,
+        signal: i32,
+        uid: u32,
+    },
+    /// Long poll for a job's end, asked of its home node.
+    WaitJob {
+        gpid: Gpid,
+        uid: u32,
+        timeout_ms: u64,
+    },
+    /// A chunk of a detached job's log, from its home node.
+    ReadLog {
+        gpid: Gpid,
+        uid: u32,
+        offset: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +68,20 @@ pub enum PeerResponse {
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Proposed(CommandResult),
+    Jobs(Vec<JobInfo>),
+    Located(Option<NodeId>),
+    Done,
+    Waited(WaitResult),
+    Log { data: ByteBuf, done: bool },
+}
+
+/// What a long poll on a job's end found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitResult {
+    Running,
+    Exited(ExitStatus),
+    /// Its execution node went down.
+    Lost(NodeId),
 }
 
 /// The only request a machine without a certificate may send.

@@ -22,7 +22,10 @@ pub enum ToBody {
     /// The deputy's stdin reached end of file.
     StdinEof,
     Signal(i32),
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     /// The deputy went away: hang the job up, as sshd does.
     Hangup,
 }
@@ -30,10 +33,16 @@ pub enum ToBody {
 /// From the body.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum FromBody {
-    Started { gpid: Gpid, node: NodeId },
+    Started {
+        gpid: Gpid,
+        node: NodeId,
+    },
     /// The job could not start; `exit_code` is what a shell would return
     /// (127 for a command not found, 126 for not executable).
-    Failed { error: RemoteError, exit_code: i32 },
+    Failed {
+        error: RemoteError,
+        exit_code: i32,
+    },
     Stdout(ByteBuf),
     Stderr(ByteBuf),
     /// This many stdin bytes were delivered to the job: the deputy may send
@@ -42,7 +51,9 @@ pub enum FromBody {
     StdinAck(u64),
     Exited(ExitStatus),
     /// The execution node is gone (sent by the home node to its deputy).
-    Lost { node: NodeId },
+    Lost {
+        node: NodeId,
+    },
 }
 
 /// How a job ended.
@@ -69,7 +80,11 @@ impl std::fmt::Display for ExitStatus {
             ExitStatus::Signal { signal, core } => {
                 let name = nix::sys::signal::Signal::try_from(*signal)
                     .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_string());
-                write!(f, "killed by {name}{}", if *core { " (core dumped)" } else { "" })
+                write!(
+                    f,
+                    "killed by {name}{}",
+                    if *core { " (core dumped)" } else { "" }
+                )
             }
         }
     }

@@ -1,0 +1,328 @@
+//! The deputy side of a job, on its home node: starts it (here or on the
+//! chosen node), relays the user's streams, and keeps its record, log and
+//! exit status for `krg ps`, `krg wait` and `krg logs`.
+
+use super::body::{self, BodyLink};
+use super::spec::{LaunchSpec, RunRequest};
+use super::{link, place, JobInfo, JobState};
+use crate::api::Caller;
+use crate::node::{now_ms, Node};
+use crate::wire::stream::{ExitStatus, FromBody, ToBody};
+use crate::wire::{ErrorCode, FrameConn, RemoteError};
+use futures::{SinkExt, StreamExt};
+use krg_types::{Gpid, NodeId};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+/// Finished jobs remembered for `krg wait` and `krg logs`.
+const FINISHED_KEPT_MAX: usize = 10_000;
+/// And for how long.
+const FINISHED_KEPT_MS: u64 = 24 * 3600 * 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeputyState {
+    Starting,
+    Running,
+    Lost,
+    Exited(ExitStatus),
+}
+
+pub struct Deputy {
+    pub gpid: Gpid,
+    pub uid: u32,
+    pub user: String,
+    pub command: String,
+    pub started_ms: u64,
+    pub detached: bool,
+    pub log: Option<PathBuf>,
+    pub node: Mutex<NodeId>,
+    state: watch::Sender<DeputyState>,
+    finished_ms: Mutex<Option<u64>>,
+}
+
+impl Deputy {
+    pub fn state(&self) -> DeputyState {
+        *self.state.borrow()
+    }
+
+    pub fn set_state(&self, s: DeputyState) {
+        if matches!(s, DeputyState::Exited(_) | DeputyState::Lost) {
+            *self.finished_ms.lock().unwrap_or_else(|p| p.into_inner()) = Some(now_ms());
+        }
+        self.state.send_replace(s);
+    }
+
+    pub fn exec_node(&self) -> NodeId {
+        *self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the job has ended (or is lost), at most `timeout`.
+    pub async fn wait_end(&self, timeout: Duration) -> DeputyState {
+        let mut rx = self.state.subscribe();
+        let _ = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| matches!(s, DeputyState::Exited(_) | DeputyState::Lost)),
+        )
+        .await;
+        self.state()
+    }
+
+    pub fn info(&self) -> JobInfo {
+        let (state, exit) = match self.state() {
+            DeputyState::Starting | DeputyState::Running => (JobState::Running, None),
+            DeputyState::Lost => (JobState::Lost, None),
+            DeputyState::Exited(s) => (JobState::Exited, Some(s)),
+        };
+        JobInfo {
+            gpid: self.gpid,
+            uid: self.uid,
+            user: self.user.clone(),
+            home: self.gpid.home_node(),
+            node: Some(self.exec_node()),
+            state,
+            cpu_ns: 0,
+            rss_bytes: 0,
+            started_ms: self.started_ms,
+            command: self.command.clone(),
+            exit,
+        }
+    }
+
+    /// May this caller signal, wait on or read this job?
+    pub fn allows(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.uid
+    }
+}
+
+/// Keeps the table of deputies bounded: old finished jobs are forgotten.
+pub fn prune_finished(deps: &mut HashMap<Gpid, Arc<Deputy>>) {
+    let now = now_ms();
+    let finished = |d: &Deputy| *d.finished_ms.lock().unwrap_or_else(|p| p.into_inner());
+    deps.retain(|_, d| finished(d).is_none_or(|t| now.saturating_sub(t) < FINISHED_KEPT_MS));
+    let mut done: Vec<(u64, Gpid)> = deps
+        .values()
+        .filter_map(|d| finished(d).map(|t| (t, d.gpid)))
+        .collect();
+    if done.len() > FINISHED_KEPT_MAX {
+        done.sort();
+        for (_, g) in done.iter().take(done.len() - FINISHED_KEPT_MAX) {
+            deps.remove(g);
+        }
+    }
+}
+
+/// Who the caller is, from the system's user database (never from the client).
+fn resolve_user(uid: u32, gid: u32) -> (String, Vec<u32>) {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten();
+    match user {
+        Some(u) => {
+            let groups = std::ffi::CString::new(u.name.clone())
+                .ok()
+                .and_then(|name| {
+                    nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok()
+                })
+                .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|| vec![gid]);
+            (u.name, groups)
+        }
+        None => (uid.to_string(), vec![gid]),
+    }
+}
+
+fn failed(error: RemoteError, exit_code: i32) -> FromBody {
+    FromBody::Failed { error, exit_code }
+}
+
+/// Serves `krg run` on its client connection until the job ends.
+pub async fn run(
+    node: Arc<Node>,
+    caller: Caller,
+    req: RunRequest,
+    mut conn: FrameConn<UnixStream>,
+) {
+    match start(&node, caller, &req).await {
+        Err(frame) => {
+            let _ = conn.send(&frame).await;
+        }
+        Ok((deputy, link, started)) => {
+            if conn.send(&started).await.is_err() {
+                // The caller is already gone: hang the job up.
+                let _ = link.tx.send(ToBody::Hangup).await;
+            }
+            if req.detach {
+                drop(conn);
+                tokio::spawn(keep_detached(deputy, link));
+            } else {
+                relay(conn, deputy, link).await;
+            }
+        }
+    }
+}
+
+/// Places, launches and waits for the job's first word.
+async fn start(
+    node: &Arc<Node>,
+    caller: Caller,
+    req: &RunRequest,
+) -> Result<(Arc<Deputy>, BodyLink, FromBody), FromBody> {
+    req.check()
+        .map_err(|e| failed(RemoteError::new(ErrorCode::BadRequest, e.to_string()), 1))?;
+    let target = place::choose(node, req).map_err(|e| failed(e, 1))?;
+    let gpid = node
+        .gpids
+        .next()
+        .map_err(|e| failed(RemoteError::new(ErrorCode::Refused, e.to_string()), 1))?;
+    let (user, groups) = tokio::task::block_in_place(|| resolve_user(caller.uid, caller.gid));
+    let spec = LaunchSpec {
+        gpid,
+        uid: caller.uid,
+        gid: caller.gid,
+        groups,
+        user: user.clone(),
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
+        umask: req.umask,
+        rlimits: req.rlimits.clone(),
+        tty: req.tty,
+        submitted_ms: now_ms(),
+    };
+    let log = if req.detach {
+        Some(node.log_path(gpid))
+    } else {
+        None
+    };
+    let (state, _) = watch::channel(DeputyState::Starting);
+    let deputy = Arc::new(Deputy {
+        gpid,
+        uid: caller.uid,
+        user,
+        command: spec.command_line(),
+        started_ms: spec.submitted_ms,
+        detached: req.detach,
+        log,
+        node: Mutex::new(target),
+        state,
+        finished_ms: Mutex::new(None),
+    });
+    place::record(node, target);
+    let mut link = if target == node.id {
+        body::start(node, spec)
+    } else {
+        link::open(node, target, spec)
+            .await
+            .map_err(|e| failed(e, 255))?
+    };
+    match link.rx.recv().await {
+        Some(started @ FromBody::Started { .. }) => {
+            deputy.set_state(DeputyState::Running);
+            node.jobs.deputy_insert(deputy.clone());
+            Ok((deputy, link, started))
+        }
+        Some(f @ FromBody::Failed { .. }) => Err(f),
+        _ => Err(failed(
+            RemoteError::new(
+                ErrorCode::Unavailable,
+                format!("node {target} went away while starting the job"),
+            ),
+            255,
+        )),
+    }
+}
+
+/// Relays between the user's `krg run` and the body until the job ends.
+/// Two directions, two tasks: a slow terminal never holds back a signal.
+async fn relay(conn: FrameConn<UnixStream>, deputy: Arc<Deputy>, link: BodyLink) {
+    let BodyLink { tx, mut rx } = link;
+    let (mut sink, mut stream) = conn.into_inner().split();
+    let up_tx = tx.clone();
+    let up = tokio::spawn(async move {
+        while let Some(Ok(frame)) = stream.next().await {
+            match crate::wire::decode::<ToBody>(&frame) {
+                Ok(ToBody::Launch(_)) | Err(_) => break,
+                Ok(msg) => {
+                    if up_tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        // The user's `krg run` is gone: hang the job up, as sshd does.
+        let _ = up_tx.send(ToBody::Hangup).await;
+    });
+    let mut client_alive = true;
+    while let Some(msg) = rx.recv().await {
+        let end = match &msg {
+            FromBody::Exited(s) => Some(DeputyState::Exited(*s)),
+            FromBody::Lost { node } => {
+                tracing::warn!(gpid = %deputy.gpid, node = %node, "job lost with its node");
+                Some(DeputyState::Lost)
+            }
+            _ => None,
+        };
+        if client_alive {
+            match crate::wire::encode(&msg) {
+                Ok(bytes) => client_alive = sink.send(bytes).await.is_ok(),
+                Err(_) => client_alive = false,
+            }
+        }
+        if let Some(state) = end {
+            deputy.set_state(state);
+            break;
+        }
+    }
+    if matches!(deputy.state(), DeputyState::Running | DeputyState::Starting) {
+        deputy.set_state(DeputyState::Lost);
+    }
+    up.abort();
+    drop(tx);
+}
+
+/// A detached job: no stdin, its output appended to its log.
+async fn keep_detached(deputy: Arc<Deputy>, link: BodyLink) {
+    let BodyLink { tx, mut rx } = link;
+    let _ = tx.send(ToBody::StdinEof).await;
+    let mut file = deputy.log.as_ref().and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(p)
+            .map_err(|e| tracing::warn!(path = %p.display(), error = %e, "cannot open a job log"))
+            .ok()
+    });
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            FromBody::Stdout(b) | FromBody::Stderr(b) => {
+                if let Some(f) = file.as_mut() {
+                    let _ = tokio::task::block_in_place(|| f.write_all(&b));
+                }
+            }
+            FromBody::Failed { error, .. } => {
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "krg: {}", error.message);
+                }
+            }
+            FromBody::Exited(s) => {
+                deputy.set_state(DeputyState::Exited(s));
+                break;
+            }
+            FromBody::Lost { .. } => {
+                deputy.set_state(DeputyState::Lost);
+                break;
+            }
+            FromBody::Started { .. } | FromBody::StdinAck(_) => {}
+        }
+    }
+    if matches!(deputy.state(), DeputyState::Running | DeputyState::Starting) {
+        deputy.set_state(DeputyState::Lost);
+    }
+}

@@ -1,0 +1,196 @@
+//! The stream connection between a job's home node and its execution node:
+//! a TLS connection of kind `Stream` that opens with the launch
+//! specification and then carries `ToBody` frames one way and `FromBody`
+//! frames the other. If it breaks before the job's exit status crossed it,
+//! the home side reports the job lost.
+
+use super::body::{self, BodyLink, LINK_FRAMES_MAX};
+use super::spec::LaunchSpec;
+use crate::identity::ca::node_id_of_der;
+use crate::identity::tls::server_name;
+use crate::node::Node;
+use crate::peer::pool::CONNECT_TIMEOUT;
+use crate::wire::stream::{FromBody, ToBody};
+use crate::wire::{ConnKind, ErrorCode, FrameConn, Hello, RemoteError};
+use futures::{SinkExt, StreamExt};
+use krg_types::limits::HANDSHAKE_TIMEOUT_MS;
+use krg_types::{NodeId, NodeState};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+
+fn unavailable(msg: String) -> RemoteError {
+    RemoteError::new(ErrorCode::Unavailable, msg)
+}
+
+/// Home side: starts `spec` on `target` and returns the link to its body.
+pub async fn open(
+    node: &Arc<Node>,
+    target: NodeId,
+    spec: LaunchSpec,
+) -> Result<BodyLink, RemoteError> {
+    let addr = node
+        .state
+        .read(|d| d.state.nodes.get(&target).map(|n| n.addr.clone()))
+        .ok_or_else(|| {
+            RemoteError::new(
+                ErrorCode::NotFound,
+                format!("node {target} is not a member of this cluster"),
+            )
+        })?;
+    let connect = async {
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| unavailable(format!("node {target} is unreachable: {e}")))?;
+        tcp.set_nodelay(true).ok();
+        let tls = TlsConnector::from(node.peers.tls())
+            .connect(server_name(), tcp)
+            .await
+            .map_err(|e| unavailable(format!("node {target} is unreachable: TLS: {e}")))?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| node_id_of_der(c.as_ref()));
+        if peer != Some(target) {
+            return Err(unavailable(format!(
+                "the address of node {target} answers with another node's certificate"
+            )));
+        }
+        let mut conn = FrameConn::new(tls);
+        conn.send(&Hello::new(ConnKind::Stream))
+            .await
+            .map_err(|e| unavailable(format!("node {target}: {e}")))?;
+        let ok: Result<(), RemoteError> = conn
+            .recv_timeout(HANDSHAKE_TIMEOUT_MS)
+            .await
+            .map_err(|e| unavailable(format!("node {target}: {e}")))?;
+        ok?;
+        conn.send(&ToBody::Launch(Box::new(spec)))
+            .await
+            .map_err(|e| unavailable(format!("node {target}: {e}")))?;
+        Ok(conn)
+    };
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT * 2, connect)
+        .await
+        .map_err(|_| unavailable(format!("node {target} did not answer in time")))??;
+    let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
+    let (from_tx, from_rx) = mpsc::channel(LINK_FRAMES_MAX);
+    tokio::spawn(home_pump(node.clone(), target, conn, to_rx, from_tx));
+    Ok(BodyLink {
+        tx: to_tx,
+        rx: from_rx,
+    })
+}
+
+async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    node: Arc<Node>,
+    target: NodeId,
+    conn: FrameConn<S>,
+    mut to_rx: mpsc::Receiver<ToBody>,
+    from_tx: mpsc::Sender<FromBody>,
+) {
+    let (mut sink, mut stream) = conn.into_inner().split();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = to_rx.recv().await {
+            let Ok(bytes) = crate::wire::encode(&frame) else {
+                continue;
+            };
+            if sink.send(bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut changed = node.state.changed.subscribe();
+    let target_down = |node: &Node| {
+        node.state.read(|d| {
+            d.state
+                .nodes
+                .get(&target)
+                .is_none_or(|n| n.state == NodeState::Down || n.state == NodeState::Left)
+        })
+    };
+    let mut exited = false;
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                let Ok(msg) = crate::wire::decode::<FromBody>(&frame) else {
+                    tracing::warn!(node = %target, "undecodable stream frame; closing the job's link");
+                    break;
+                };
+                exited = matches!(msg, FromBody::Exited(_));
+                if from_tx.send(msg).await.is_err() {
+                    break;
+                }
+                if exited {
+                    break;
+                }
+            }
+            _ = changed.changed() => {
+                // Only the replicated state declares a node dead: then the
+                // job is lost, whatever the TCP connection still believes.
+                if target_down(&node) {
+                    break;
+                }
+            }
+        }
+    }
+    writer.abort();
+    if !exited {
+        let _ = from_tx.send(FromBody::Lost { node: target }).await;
+    }
+}
+
+/// Execution side: serves one `Stream` connection from a home node.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    node: Arc<Node>,
+    from: NodeId,
+    mut conn: FrameConn<S>,
+) -> Result<(), String> {
+    let first: ToBody = conn
+        .recv_timeout(HANDSHAKE_TIMEOUT_MS)
+        .await
+        .map_err(|e| format!("node {from}: bad launch: {e}"))?;
+    let ToBody::Launch(spec) = first else {
+        return Err(format!("node {from} opened a stream without a launch"));
+    };
+    let gpid = spec.gpid;
+    if gpid.home_node() != from {
+        return Err(format!(
+            "node {from} launched job {gpid}, whose home is another node"
+        ));
+    }
+    let BodyLink { tx, mut rx } = body::start(&node, *spec);
+    let (mut sink, mut stream) = conn.into_inner().split();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(frame)) = stream.next().await {
+            match crate::wire::decode::<ToBody>(&frame) {
+                Ok(ToBody::Launch(_)) | Err(_) => {
+                    tracing::warn!(node = %from, gpid = %gpid, "bad frame on a job stream; hanging the job up");
+                    break;
+                }
+                Ok(msg) => {
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Dropping `tx` tells the body its deputy is gone.
+    });
+    while let Some(msg) = rx.recv().await {
+        let Ok(bytes) = crate::wire::encode(&msg) else {
+            continue;
+        };
+        if sink.send(bytes).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+    reader.abort();
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Cluster-wide operations on jobs, from any node: list, signal, wait,
+//! read logs. Each finds the node that can answer (the execution node for
+//! a body, the home node for a deputy's record) and asks it.
+
+use super::home::DeputyState;
+use super::{JobInfo, JobState};
+use crate::node::Node;
+use crate::wire::peer::{PeerRequest, PeerResponse, WaitResult};
+use crate::wire::{ErrorCode, RemoteError};
+use krg_types::{Gpid, NodeId, NodeState};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Time a node has to answer a listing or a signal.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// One long poll of `krg wait`.
+pub const WAIT_POLL: Duration = Duration::from_secs(20);
+/// Bytes of log returned at once.
+pub const LOG_CHUNK_BYTES_MAX: usize = 256 << 10;
+
+fn not_found(gpid: Gpid) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::NotFound,
+        format!("no job {gpid} in this cluster"),
+    )
+}
+
+fn denied(gpid: Gpid, owner: &str) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::PermissionDenied,
+        format!("permission denied: job {gpid} belongs to {owner}"),
+    )
+}
+
+/// Members worth asking (not down, not left), with their addresses.
+fn reachable_members(node: &Node) -> Vec<(NodeId, String)> {
+    let recs: Vec<_> = node.state.read(|d| d.state.members().cloned().collect());
+    recs.into_iter()
+        .filter(|r| !matches!(node.shown_state(r), NodeState::Down | NodeState::Left))
+        .map(|r| (r.id, r.addr))
+        .collect()
+}
+
+fn addr_of(node: &Node, id: NodeId) -> Option<String> {
+    node.state
+        .read(|d| d.state.nodes.get(&id).map(|n| n.addr.clone()))
+}
+
+/// Jobs this node knows first-hand: the bodies it runs, and the deputies
+/// it keeps whose body is not reported elsewhere (lost ones, mainly).
+pub fn local_jobs(node: &Node) -> Vec<JobInfo> {
+    let mut jobs: Vec<JobInfo> = node.jobs.bodies().iter().map(|b| b.info(node.id)).collect();
+    for d in node.jobs.deputies() {
+        if matches!(
+            d.state(),
+            DeputyState::Running | DeputyState::Starting | DeputyState::Lost
+        ) {
+            jobs.push(d.info());
+        }
+    }
+    jobs
+}
+
+/// Every job of the cluster; a body's own report wins over its deputy's.
+pub async fn list_all(node: &Arc<Node>) -> Vec<JobInfo> {
+    let mut asks = Vec::new();
+    for (id, addr) in reachable_members(node) {
+        if id == node.id {
+            continue;
+        }
+        let node = node.clone();
+        asks.push(tokio::spawn(async move {
+            match node
+                .peers
+                .call(id, &addr, PeerRequest::ListJobs, ASK_TIMEOUT)
+                .await
+            {
+                Ok(PeerResponse::Jobs(j)) => j,
+                _ => Vec::new(),
+            }
+        }));
+    }
+    let mut all: Vec<JobInfo> = local_jobs(node);
+    for a in asks {
+        all.extend(a.await.unwrap_or_default());
+    }
+    let mut by_gpid: BTreeMap<Gpid, JobInfo> = BTreeMap::new();
+    for j in all {
+        let body_report = matches!(j.state, JobState::Running | JobState::Stopped) && j.cpu_ns > 0;
+        match by_gpid.get(&j.gpid) {
+            Some(prev) if !body_report && prev.node.is_some() && prev.state != JobState::Lost => {}
+            _ => {
+                by_gpid.insert(j.gpid, j);
+            }
+        }
+    }
+    by_gpid.into_values().collect()
+}
+
+/// Signals a body running here, if the caller may.
+pub fn signal_local(node: &Node, gpid: Gpid, sig: i32, uid: u32) -> Result<(), RemoteError> {
+    let body = node.jobs.body(gpid).ok_or_else(|| not_found(gpid))?;
+    if uid != 0 && uid != body.uid {
+        return Err(denied(gpid, &body.user));
+    }
+    if !(0..=64).contains(&sig) {
+        return Err(RemoteError::new(
+            ErrorCode::BadRequest,
+            format!("{sig} is not a signal number"),
+        ));
+    }
+    body.signal(sig);
+    Ok(())
+}
+
+/// Where the body of `gpid` runs, as its home node knows it.
+async fn locate(node: &Arc<Node>, gpid: Gpid) -> Option<NodeId> {
+    let home = gpid.home_node();
+    if home == node.id {
+        return node.jobs.deputy(gpid).map(|d| d.exec_node());
+    }
+    let addr = addr_of(node, home)?;
+    match node
+        .peers
+        .call(home, &addr, PeerRequest::LocateJob { gpid }, ASK_TIMEOUT)
+        .await
+    {
+        Ok(PeerResponse::Located(n)) => n,
+        _ => None,
+    }
+}
+
+/// Signals a job wherever it runs.
+pub async fn signal(node: &Arc<Node>, gpid: Gpid, sig: i32, uid: u32) -> Result<(), RemoteError> {
+    let mut candidates: Vec<(NodeId, String)> = Vec::new();
+    if let Some(at) = locate(node, gpid).await {
+        if let Some(addr) = addr_of(node, at) {
+            candidates.push((at, addr));
+        }
+    }
+    // The home node may be gone or not know: ask everyone.
+    for m in reachable_members(node) {
+        if !candidates.iter().any(|(id, _)| *id == m.0) {
+            candidates.push(m);
+        }
+    }
+    let mut last = not_found(gpid);
+    for (id, addr) in candidates {
+        let r = if id == node.id {
+            signal_local(node, gpid, sig, uid)
+        } else {
+            match node
+                .peers
+                .call(
+                    id,
+                    &addr,
+                    PeerRequest::SignalJob {
+                        gpid,
+                        signal: sig,
+                        uid,
+                    },
+                    ASK_TIMEOUT,
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(crate::peer::PeerError::Remote(e)) => Err(e),
+                Err(e) => Err(RemoteError::new(ErrorCode::Unavailable, e.to_string())),
+            }
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code == ErrorCode::NotFound => last = e,
+            Err(e) if e.code == ErrorCode::Unavailable => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(d) = node.jobs.deputy(gpid) {
+        if d.state() == DeputyState::Lost {
+            return Err(RemoteError::new(
+                ErrorCode::Unavailable,
+                format!("job {gpid} is lost: node {} went down", d.exec_node()),
+            ));
+        }
+    }
+    Err(last)
+}
+
+/// One long poll on the home node's record.
+pub async fn wait_local(
+    node: &Node,
+    gpid: Gpid,
+    uid: u32,
+    timeout: Duration,
+) -> Result<WaitResult, RemoteError> {
+    let d = node.jobs.deputy(gpid).ok_or_else(|| not_found(gpid))?;
+    if !d.allows(uid) {
+        return Err(denied(gpid, &d.user));
+    }
+    Ok(match d.wait_end(timeout).await {
+        DeputyState::Exited(s) => WaitResult::Exited(s),
+        DeputyState::Lost => WaitResult::Lost(d.exec_node()),
+        _ => WaitResult::Running,
+    })
+}
+
+pub async fn wait_once(node: &Arc<Node>, gpid: Gpid, uid: u32) -> Result<WaitResult, RemoteError> {
+    let home = gpid.home_node();
+    if home == node.id {
+        return wait_local(node, gpid, uid, WAIT_POLL).await;
+    }
+    let addr = addr_of(node, home).ok_or_else(|| not_found(gpid))?;
+    let req = PeerRequest::WaitJob {
+        gpid,
+        uid,
+        timeout_ms: WAIT_POLL.as_millis() as u64,
+    };
+    match node
+        .peers
+        .call(home, &addr, req, WAIT_POLL + ASK_TIMEOUT)
+        .await
+    {
+        Ok(PeerResponse::Waited(w)) => Ok(w),
+        Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+        Err(crate::peer::PeerError::Remote(e)) => Err(e),
+        Err(e) => Err(RemoteError::new(
+            ErrorCode::Unavailable,
+            format!("the home node of job {gpid} is unreachable: {e}"),
+        )),
+    }
+}
+
+/// A chunk of a detached job's log, read on its home node.
+pub fn read_log_local(
+    node: &Node,
+    gpid: Gpid,
+    uid: u32,
+    offset: u64,
+) -> Result<(Vec<u8>, bool), RemoteError> {
+    let d = node.jobs.deputy(gpid).ok_or_else(|| not_found(gpid))?;
+    if !d.allows(uid) {
+        return Err(denied(gpid, &d.user));
+    }
+    let Some(path) = &d.log else {
+        return Err(RemoteError::new(
+            ErrorCode::NotFound,
+            format!("job {gpid} has no log: it was not started with --detach"),
+        ));
+    };
+    let finished = matches!(d.state(), DeputyState::Exited(_) | DeputyState::Lost);
+    let mut data = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.seek(SeekFrom::Start(offset));
+        let _ = f.take(LOG_CHUNK_BYTES_MAX as u64).read_to_end(&mut data);
+    }
+    let done = finished && data.len() < LOG_CHUNK_BYTES_MAX;
+    Ok((data, done))
+}
+
+pub async fn read_log(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    uid: u32,
+    offset: u64,
+) -> Result<(Vec<u8>, bool), RemoteError> {
+    let home = gpid.home_node();
+    if home == node.id {
+        return read_log_local(node, gpid, uid, offset);
+    }
+    let addr = addr_of(node, home).ok_or_else(|| not_found(gpid))?;
+    match node
+        .peers
+        .call(
+            home,
+            &addr,
+            PeerRequest::ReadLog { gpid, uid, offset },
+            ASK_TIMEOUT,
+        )
+        .await
+    {
+        Ok(PeerResponse::Log { data, done }) => Ok((data.into_vec(), done)),
+        Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+        Err(crate::peer::PeerError::Remote(e)) => Err(e),
+        Err(e) => Err(RemoteError::new(
+            ErrorCode::Unavailable,
+            format!("the home node of job {gpid} is unreachable: {e}"),
+        )),
+    }
+}
