@@ -46,7 +46,7 @@ pub fn advertise_addr(config: &NodeConfig) -> anyhow::Result<SocketAddr> {
     let addrs = nix::ifaddrs::getifaddrs().context("cannot list network interfaces")?;
     for ifa in addrs {
         if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            let ip = Ipv4Addr::from(sin.ip());
+            let ip: Ipv4Addr = sin.ip();
             if !ip.is_loopback() {
                 return Ok(SocketAddr::new(IpAddr::V4(ip), config.listen.port()));
             }

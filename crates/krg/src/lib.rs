@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod criu;
 pub mod daemon;
 pub mod features;
 pub mod gossip;

@@ -156,11 +156,11 @@ async fn dispatch(node: &Arc<Node>, caller: Caller, req: ClientRequest) -> Clien
                 done,
             })
         }
-        ClientRequest::Features => Ok(ClientResponse::Features(
+        ClientRequest::Features => Ok(ClientResponse::Features(Box::new(
             tokio::task::spawn_blocking(crate::features::probe)
                 .await
                 .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?,
-        )),
+        ))),
     }
 }
 

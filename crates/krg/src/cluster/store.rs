@@ -4,6 +4,11 @@
 //! persisted after every applied batch, so a restart resumes from it and a
 //! snapshot is just the current state serialized.
 
+// openraft's traits return its StorageError (over 200 bytes) and redb's
+// errors are 160 bytes: boxing them at every call would only add noise on
+// paths that are not hot.
+#![allow(clippy::result_large_err)]
+
 use crate::cluster::types::{StateMachineData, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{

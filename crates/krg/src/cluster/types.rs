@@ -51,17 +51,12 @@ pub enum Command {
 }
 
 /// The outcome of applying a [`Command`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum CommandResult {
+    #[default]
     Ok,
     Admitted(NodeId),
     Refused(String),
-}
-
-impl Default for CommandResult {
-    fn default() -> Self {
-        CommandResult::Ok
-    }
 }
 
 /// What a state-machine snapshot holds.

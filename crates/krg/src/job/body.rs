@@ -401,24 +401,17 @@ async fn run(
 
     // Status lines until EOF (init gone), then the init's own wait status.
     let mut reported: Option<ExitStatus> = None;
-    loop {
-        match l.status.next().await {
-            Ok(Some(lines)) => {
-                for line in lines {
-                    match line {
-                        StatusLine::Failed { step, errno } => {
-                            let (error, exit_code) = failure(node.id, &spec, &step, errno);
-                            let _ = tx.send(FromBody::Failed { error, exit_code }).await;
-                        }
-                        StatusLine::Exit(c) => reported = Some(ExitStatus::Code(c)),
-                        StatusLine::Signal { signal, core } => {
-                            reported = Some(ExitStatus::Signal { signal, core })
-                        }
-                        StatusLine::Pid(_) | StatusLine::Started(_) => {}
-                    }
+    while let Ok(Some(lines)) = l.status.next().await {
+        for line in lines {
+            match line {
+                StatusLine::Failed { step, errno } => {
+                    let (error, exit_code) = failure(node.id, &spec, &step, errno);
+                    let _ = tx.send(FromBody::Failed { error, exit_code }).await;
                 }
+                StatusLine::Exit(c) => reported = Some(ExitStatus::Code(c)),
+                StatusLine::Signal { signal, core } => reported = Some(ExitStatus::Signal { signal, core }),
+                StatusLine::Pid(_) | StatusLine::Started(_) => {}
             }
-            Ok(None) | Err(_) => break,
         }
     }
     let waited = reap::wait(init_pid).await.ok().flatten();

@@ -37,7 +37,7 @@ pub enum ClientResponse {
     Status(ClusterStatus),
     Nodes(Vec<NodeView>),
     Token(String),
-    Features(crate::features::Features),
+    Features(Box<crate::features::Features>),
     Jobs(Vec<JobInfo>),
     Signaled(Vec<(Gpid, Result<(), RemoteError>)>),
     Waited(WaitResult),

@@ -1,0 +1,201 @@
+//! Benchmark of issue 3: how fast `krg run` starts a remote job and moves
+//! bytes, side by side with ssh (a persistent master connection) and a
+//! local fork+exec, on a 3-node lab cluster. Prints one JSON object per
+//! line. Needs root (it builds a lab); run with `cargo bench --bench
+//! run_latency` (release binaries).
+//!
+//! Every variant is a process started inside node 1's namespaces, so they
+//! all pay the same spawn cost on this side.
+
+use krg::lab::{Lab, LabOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LATENCY_RUNS: usize = 300;
+const BURST_JOBS: usize = 1000;
+const BURST_PARALLEL: usize = 16;
+const STREAM_BYTES: u64 = 1 << 30;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn run_ok(mut c: Command) {
+    let st = c.stdout(Stdio::null()).stderr(Stdio::inherit()).status().expect("spawn");
+    assert!(st.success(), "command failed: {c:?}");
+}
+
+fn latency(name: &str, make: &dyn Fn() -> Command) {
+    for _ in 0..10 {
+        run_ok(make());
+    }
+    let mut ms = Vec::with_capacity(LATENCY_RUNS);
+    for _ in 0..LATENCY_RUNS {
+        let t = Instant::now();
+        run_ok(make());
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    println!(
+        "{}",
+        serde_json::json!({"bench": "start_latency", "variant": name, "runs": LATENCY_RUNS,
+            "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "min_ms": ms[0]})
+    );
+}
+
+fn burst(name: &str, make: &dyn Fn() -> Command) {
+    let t = Instant::now();
+    let mut running = Vec::new();
+    for _ in 0..BURST_JOBS {
+        if running.len() >= BURST_PARALLEL {
+            let mut c: std::process::Child = running.remove(0);
+            assert!(c.wait().expect("wait").success());
+        }
+        running.push(make().stdout(Stdio::null()).spawn().expect("spawn"));
+    }
+    for mut c in running {
+        assert!(c.wait().expect("wait").success());
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"bench": "burst", "variant": name, "jobs": BURST_JOBS, "parallel": BURST_PARALLEL,
+            "seconds": secs, "jobs_per_second": BURST_JOBS as f64 / secs})
+    );
+}
+
+fn stream(name: &str, mut c: Command) {
+    let t = Instant::now();
+    let mut child = c.stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = out.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert!(child.wait().expect("wait").success());
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(total, STREAM_BYTES);
+    println!(
+        "{}",
+        serde_json::json!({"bench": "stdout_throughput", "variant": name, "bytes": total,
+            "seconds": secs, "mb_per_second": total as f64 / secs / 1e6})
+    );
+}
+
+/// sshd in node 2, root login with a key made for this run only.
+struct Sshd {
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_sshd(lab: &Lab) -> Option<Sshd> {
+    if !Path::new("/usr/sbin/sshd").exists() {
+        eprintln!("skipping ssh: /usr/sbin/sshd is not installed (Debian openssh-server)");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("krg-bench-ssh-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ok()?;
+    for (key, typ) in [("host", "ed25519"), ("user", "ed25519")] {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", typ, "-N", "", "-f"])
+            .arg(dir.join(key))
+            .status()
+            .ok()?;
+        assert!(st.success());
+    }
+    std::fs::copy(dir.join("user.pub"), dir.join("authorized_keys")).ok()?;
+    std::fs::create_dir_all("/run/sshd").ok()?;
+    let mut c = lab.command(2, "/usr/sbin/sshd").ok()?;
+    c.args(["-D", "-e", "-f", "/dev/null", "-p", "22"])
+        .arg("-h")
+        .arg(dir.join("host"))
+        .args(["-o", "PermitRootLogin=yes", "-o", "UsePAM=no", "-o", "StrictModes=no"])
+        .arg("-o")
+        .arg(format!("AuthorizedKeysFile={}", dir.join("authorized_keys").display()))
+        .arg("-o")
+        .arg(format!("PidFile={}", dir.join("sshd.pid").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = c.spawn().ok()?;
+    let sshd = Sshd { dir, child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if ssh_cmd(lab, &sshd, "true").status().map(|s| s.success()).unwrap_or(false) {
+            return Some(sshd);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("skipping ssh: sshd in node 2 did not accept a login");
+    None
+}
+
+fn ssh_cmd(lab: &Lab, sshd: &Sshd, cmd: &str) -> Command {
+    let mut c = lab.command(1, "ssh").expect("node 1");
+    c.arg("-i")
+        .arg(sshd.dir.join("user"))
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=120"])
+        .arg("-o")
+        .arg(format!("ControlPath={}", sshd.dir.join("cm").display()))
+        .arg(format!("root@{}", lab.addr(2).expect("addr")))
+        .arg(cmd);
+    c
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("run_latency: needs root (it builds a lab cluster); skipped");
+        return;
+    }
+    let mut opts = LabOptions::new(format!("b{}", std::process::id() % 100_000), 3);
+    opts.krgd = Some(env!("CARGO_BIN_EXE_krgd").into());
+    opts.krg = Some(env!("CARGO_BIN_EXE_krg").into());
+    opts.krgd_args = vec!["--load-scope".into(), "cgroup".into()];
+    let lab = Lab::up(opts).expect("lab up");
+    let krg = env!("CARGO_BIN_EXE_krg");
+    let krg_on = |node: &'static str, args: &'static [&'static str]| {
+        let lab = &lab;
+        move || {
+            let mut c = lab.command(1, krg).expect("node 1");
+            c.args(["run", "-T", "--node", node]).args(args);
+            c
+        }
+    };
+    latency("local fork+exec", &|| lab.command(1, "/bin/true").expect("node 1"));
+    latency("krg run --node 2", &krg_on("2", &["true"]));
+    latency("krg run --node 1 (same node)", &krg_on("1", &["true"]));
+    let sshd = start_sshd(&lab);
+    if let Some(s) = &sshd {
+        latency("ssh ControlMaster", &|| ssh_cmd(&lab, s, "true"));
+    }
+    burst("krg run --node 2", &krg_on("2", &["true"]));
+    if let Some(s) = &sshd {
+        burst("ssh ControlMaster", &|| ssh_cmd(&lab, s, "true"));
+    }
+    let head = format!("head -c {STREAM_BYTES} /dev/zero");
+    let mut c = lab.command(1, krg).expect("node 1");
+    c.args(["run", "-T", "--node", "2", "sh", "-c", &head]);
+    stream("krg run --node 2", c);
+    if let Some(s) = &sshd {
+        stream("ssh ControlMaster", ssh_cmd(&lab, s, &head));
+    }
+    drop(sshd);
+    drop(lab);
+}
