@@ -227,6 +227,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         init_path: init_path(&config)?,
         logs_dir,
         placements: Mutex::new(VecDeque::new()),
+        placement_policy: Mutex::new(None),
+        events: crate::events::EventLog::new(id),
         config: config.clone(),
         id,
         identity,

@@ -156,6 +156,23 @@ async fn dispatch(node: &Arc<Node>, caller: Caller, req: ClientRequest) -> Clien
                 done,
             })
         }
+        ClientRequest::Events { since_ms } => {
+            Ok(ClientResponse::Events(ops::events(node, since_ms).await))
+        }
+        ClientRequest::SchedShow => Ok(ClientResponse::Sched(
+            node.state.read(|d| d.state.sched.clone()),
+        )),
+        ClientRequest::SchedSet(cfg) => {
+            if !caller.is_root() {
+                return Err(denied("change the scheduler's policies"));
+            }
+            cfg.check()
+                .map_err(|e| RemoteError::new(ErrorCode::BadRequest, e))?;
+            match node.propose(Command::SetSched(cfg.clone())).await? {
+                CommandResult::Refused(r) => Err(RemoteError::new(ErrorCode::Refused, r)),
+                _ => Ok(ClientResponse::Sched(cfg)),
+            }
+        }
         ClientRequest::Features => Ok(ClientResponse::Features(Box::new(
             tokio::task::spawn_blocking(crate::features::probe)
                 .await

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod doctor;
+pub mod events;
 pub mod kill;
 pub mod logs;
 pub mod nodes;
@@ -9,6 +10,8 @@ pub mod output;
 pub mod ps;
 pub mod rsh;
 pub mod run;
+pub mod sched;
+pub mod top;
 pub mod wait;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +47,13 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Run a command on a node through your shell, as rsh/ssh do (also installed as krg-rsh).
     Rsh(rsh::RshArgs),
+    /// The global scheduler's policies: show, set, log.
+    #[command(subcommand)]
+    Sched(sched::SchedCommand),
+    /// The whole cluster live: nodes, jobs, migrations (q to quit; --once for a snapshot).
+    Top(top::TopArgs),
+    /// The cluster's automatic decisions and their reasons.
+    Events(events::EventsArgs),
     /// This machine as a node: join a cluster.
     #[command(subcommand)]
     Node(cluster::NodeCommand),
@@ -65,6 +75,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Wait(a) => wait::run(a),
         Command::Logs(a) => logs::run(a),
         Command::Rsh(a) => rsh::run(a),
+        Command::Sched(c) => sched::run(c),
+        Command::Events(a) => events::run(a),
+        Command::Top(a) => top::run(a),
         Command::Node(c) => cluster::run_node(c),
         Command::Doctor(a) => doctor::run(a),
         Command::Lab(c) => crate::lab::cli::run(c),

@@ -25,7 +25,7 @@ pub struct TokenRecord {
     pub used: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub cluster_id: String,
     pub ca_cert_pem: String,
@@ -35,6 +35,8 @@ pub struct ClusterState {
     pub next_node_id: u16,
     /// The node holding the CA key, which signs joiners' certificates.
     pub ca_holder: Option<NodeId>,
+    /// The global scheduler's policies, the same on every node.
+    pub sched: crate::policy::config::SchedConfig,
 }
 
 impl ClusterState {
@@ -92,6 +94,13 @@ impl ClusterState {
                     rec.state = *state;
                     CommandResult::Ok
                 }
+            },
+            Command::SetSched(cfg) => match cfg.check() {
+                Ok(()) => {
+                    self.sched = cfg.clone();
+                    CommandResult::Ok
+                }
+                Err(e) => CommandResult::Refused(e),
             },
             Command::SetNodeAddr { node, addr } => match self.nodes.get_mut(node) {
                 None => CommandResult::Refused(format!("node {node} is not a member")),

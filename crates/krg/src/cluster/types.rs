@@ -48,6 +48,8 @@ pub enum Command {
     SetNodeState { node: NodeId, state: NodeState },
     /// A member restarted with a new address.
     SetNodeAddr { node: NodeId, addr: String },
+    /// `krg sched set`: the scheduler's policies.
+    SetSched(crate::policy::config::SchedConfig),
 }
 
 /// The outcome of applying a [`Command`].

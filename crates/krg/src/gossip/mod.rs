@@ -31,6 +31,8 @@ pub struct NodeLoad {
     pub load15: f64,
     /// Runnable tasks now.
     pub runnable: u32,
+    /// Runnable tasks averaged over about 5 s: the scheduler's load.
+    pub load_short: f64,
     pub mem_total: u64,
     pub mem_free: u64,
     /// Jobs running there.

@@ -409,7 +409,9 @@ async fn run(
                     let _ = tx.send(FromBody::Failed { error, exit_code }).await;
                 }
                 StatusLine::Exit(c) => reported = Some(ExitStatus::Code(c)),
-                StatusLine::Signal { signal, core } => reported = Some(ExitStatus::Signal { signal, core }),
+                StatusLine::Signal { signal, core } => {
+                    reported = Some(ExitStatus::Signal { signal, core })
+                }
                 StatusLine::Pid(_) | StatusLine::Started(_) => {}
             }
         }

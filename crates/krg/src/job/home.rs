@@ -214,6 +214,12 @@ async fn start(
         finished_ms: Mutex::new(None),
     });
     place::record(node, target);
+    if req.node.is_none() {
+        node.events.record(
+            "placement",
+            format!("placed {gpid} ({}) on node {target}", spec.command_line()),
+        );
+    }
     let mut link = if target == node.id {
         body::start(node, spec)
     } else {

@@ -289,3 +289,30 @@ pub async fn read_log(
         )),
     }
 }
+
+/// Every node's decisions after `since_ms`, oldest first.
+pub async fn events(node: &Arc<Node>, since_ms: u64) -> Vec<crate::events::Event> {
+    let mut asks = Vec::new();
+    for (id, addr) in reachable_members(node) {
+        if id == node.id {
+            continue;
+        }
+        let node = node.clone();
+        asks.push(tokio::spawn(async move {
+            match node
+                .peers
+                .call(id, &addr, PeerRequest::Events { since_ms }, ASK_TIMEOUT)
+                .await
+            {
+                Ok(PeerResponse::Events(e)) => e,
+                _ => Vec::new(),
+            }
+        }));
+    }
+    let mut all = node.events.since(since_ms);
+    for a in asks {
+        all.extend(a.await.unwrap_or_default());
+    }
+    all.sort_by_key(|e| (e.time_ms, e.node));
+    all
+}

@@ -1,15 +1,16 @@
-//! Where a new job runs: the node the user named, or the least loaded up
-//! node (jobs per unit of CPU capacity, counting the jobs this node placed
-//! in the last moments, which gossip has not reported yet).
-//! The scheduler issue replaces this with pluggable policies.
+//! Where a new job runs: the node the user named, or the one the cluster's
+//! placement policy picks (`policy::`), among usable nodes that pass the
+//! filters, counting the jobs this node placed in the last moments, which
+//! gossip has not reported yet.
 
 use crate::node::Node;
+use crate::policy::{filter, NodeSample};
 use crate::wire::{ErrorCode, RemoteError};
 use krg_types::{NodeId, NodeState};
 use std::time::{Duration, Instant};
 
 /// How long a placement counts before gossip is trusted to include it.
-const RECENT: Duration = Duration::from_secs(2);
+const RECENT: Duration = Duration::from_secs(3);
 /// Placements remembered at most.
 const RECENT_MAX: usize = 4096;
 
@@ -39,21 +40,8 @@ fn is_up(node: &Node, id: NodeId) -> Result<(), RemoteError> {
     }
 }
 
-pub fn choose(node: &Node, req: &crate::job::spec::RunRequest) -> Result<NodeId, RemoteError> {
-    if let Some(n) = req.node {
-        is_up(node, n)?;
-        return Ok(n);
-    }
-    let allowed: Vec<NodeId> = if req.nodes.is_empty() {
-        member_ids(node)
-    } else {
-        for n in &req.nodes {
-            if node.state.read(|d| !d.state.nodes.contains_key(n)) {
-                is_up(node, *n)?;
-            }
-        }
-        req.nodes.clone()
-    };
+/// The scheduler's view of every member, from gossip and recent placements.
+pub fn samples(node: &Node) -> Vec<NodeSample> {
     let now = Instant::now();
     let recent: Vec<NodeId> = {
         let r = node.placements.lock().unwrap_or_else(|p| p.into_inner());
@@ -62,24 +50,46 @@ pub fn choose(node: &Node, req: &crate::job::spec::RunRequest) -> Result<NodeId,
             .map(|(n, _)| *n)
             .collect()
     };
-    let mut best: Option<(f64, f64, NodeId)> = None;
-    for id in allowed {
-        if is_up(node, id).is_err() {
-            continue;
-        }
-        let load = node.view().load(id).cloned().unwrap_or_default();
-        let capacity = if load.capacity > 0.0 {
-            load.capacity
-        } else {
-            1.0
-        };
-        let jobs = f64::from(load.jobs) + recent.iter().filter(|n| **n == id).count() as f64;
-        let score = (jobs / capacity, load.load1 / capacity, id);
-        if best.is_none_or(|b| (score.0, score.1) < (b.0, b.1)) {
-            best = Some(score);
+    member_ids(node)
+        .into_iter()
+        .map(|id| {
+            let load = node.view().load(id).cloned().unwrap_or_default();
+            NodeSample {
+                id,
+                usable: is_up(node, id).is_ok(),
+                capacity: if load.capacity > 0.0 {
+                    load.capacity
+                } else {
+                    1.0
+                },
+                load: load.load_short,
+                jobs: load.jobs,
+                mem_free: load.mem_free,
+                pending: recent.iter().filter(|n| **n == id).count() as f64,
+            }
+        })
+        .collect()
+}
+
+pub fn choose(node: &Node, req: &crate::job::spec::RunRequest) -> Result<NodeId, RemoteError> {
+    if let Some(n) = req.node {
+        is_up(node, n)?;
+        return Ok(n);
+    }
+    for n in &req.nodes {
+        if node.state.read(|d| !d.state.nodes.contains_key(n)) {
+            is_up(node, *n)?;
         }
     }
-    best.map(|b| b.2)
+    let mem_min = node.state.read(|d| d.state.sched.mem_free_min_bytes);
+    let all = samples(node);
+    let mut candidates = filter::candidates(&all, mem_min, &req.nodes);
+    if candidates.is_empty() {
+        // Memory is short everywhere: any usable node is better than none.
+        candidates = filter::candidates(&all, 0, &req.nodes);
+    }
+    node.placement()
+        .place(&candidates)
         .ok_or_else(|| RemoteError::new(ErrorCode::Unavailable, "no node is up to run the job"))
 }
 

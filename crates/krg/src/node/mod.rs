@@ -11,6 +11,8 @@ use crate::identity::{ca, token, Identity};
 use crate::job::gpid::GpidAllocator;
 use crate::job::JobTable;
 use crate::peer::PeerPool;
+use crate::policy::config::SchedConfig;
+use crate::policy::Placement;
 use crate::wire::client::NodeView;
 use crate::wire::peer::{JoinAccepted, JoinRequest, JoinResponse, PeerRequest, PeerResponse};
 use crate::wire::{ErrorCode, RemoteError};
@@ -49,6 +51,20 @@ pub struct Node {
     pub logs_dir: PathBuf,
     /// Recent placements, counted until gossip reports them.
     pub placements: Mutex<VecDeque<(NodeId, Instant)>>,
+    /// Recent automatic decisions, with their reasons.
+    pub events: crate::events::EventLog,
+    /// The placement policy in force, and the configuration it was made from.
+    pub placement_policy: Mutex<Option<(SchedConfig, Box<dyn Placement>)>>,
+}
+
+pub struct PlacementGuard<'a> {
+    guard: std::sync::MutexGuard<'a, Option<(SchedConfig, Box<dyn Placement>)>>,
+}
+
+impl PlacementGuard<'_> {
+    pub fn place(&mut self, candidates: &[crate::policy::NodeSample]) -> Option<NodeId> {
+        self.guard.as_mut().and_then(|(_, p)| p.place(candidates))
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -64,6 +80,24 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
 impl Node {
     pub fn view(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The placement policy of the replicated configuration (rebuilt when
+    /// the configuration changes; kept otherwise, since round robin has a
+    /// memory).
+    pub fn placement(&self) -> PlacementGuard<'_> {
+        let cfg = self.state.read(|d| d.state.sched.clone());
+        let mut guard = self
+            .placement_policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if guard
+            .as_ref()
+            .is_none_or(|(c, _)| c.placement != cfg.placement)
+        {
+            *guard = Some((cfg.clone(), crate::policy::placement(&cfg)));
+        }
+        PlacementGuard { guard }
     }
 
     pub fn log_path(&self, gpid: Gpid) -> PathBuf {
@@ -186,6 +220,9 @@ impl Node {
                 crate::job::ops::wait_local(self, gpid, uid, t)
                     .await
                     .map(PeerResponse::Waited)
+            }
+            PeerRequest::Events { since_ms } => {
+                Ok(PeerResponse::Events(self.events.since(since_ms)))
             }
             PeerRequest::ReadLog { gpid, uid, offset } => {
                 crate::job::ops::read_log_local(self, gpid, uid, offset).map(|(data, done)| {

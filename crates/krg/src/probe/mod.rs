@@ -48,6 +48,7 @@ impl Prober {
         let (load1, load5, load15, runnable) = match self.scope {
             LoadScope::System => {
                 let (l1, l5, l15, r) = system_loadavg();
+                self.averages.update(f64::from(r));
                 (l1, l5, l15, r)
             }
             LoadScope::Cgroup => {
@@ -56,6 +57,7 @@ impl Prober {
                 (self.averages.l1, self.averages.l5, self.averages.l15, r)
             }
         };
+        let load_short = self.averages.short;
         NodeLoad {
             cpus,
             capacity,
@@ -63,6 +65,7 @@ impl Prober {
             load5,
             load15,
             runnable,
+            load_short,
             mem_total,
             mem_free,
             jobs,
@@ -76,6 +79,7 @@ impl Prober {
 /// with the kernel's 1, 5 and 15 minute time constants.
 #[derive(Default)]
 struct LoadAverages {
+    short: f64,
     l1: f64,
     l5: f64,
     l15: f64,
@@ -87,6 +91,7 @@ impl LoadAverages {
             let e = (-1.0 / secs).exp();
             avg * e + n * (1.0 - e)
         };
+        self.short = step(self.short, 5.0);
         self.l1 = step(self.l1, 60.0);
         self.l5 = step(self.l5, 300.0);
         self.l15 = step(self.l15, 900.0);

@@ -3,6 +3,7 @@
 use crate::gossip::NodeLoad;
 use crate::job::spec::RunRequest;
 use crate::job::JobInfo;
+use crate::policy::config::SchedConfig;
 use crate::wire::peer::WaitResult;
 use crate::wire::RemoteError;
 use krg_types::{Gpid, NodeId, NodeState};
@@ -30,6 +31,12 @@ pub enum ClientRequest {
     Wait { gpid: Gpid },
     /// `krg logs`: a chunk of a detached job's log from `offset`.
     Logs { gpid: Gpid, offset: u64 },
+    /// `krg events`: decisions of every node after this time.
+    Events { since_ms: u64 },
+    /// `krg sched show`
+    SchedShow,
+    /// `krg sched set` (root only): the whole new configuration.
+    SchedSet(SchedConfig),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -42,6 +49,8 @@ pub enum ClientResponse {
     Signaled(Vec<(Gpid, Result<(), RemoteError>)>),
     Waited(WaitResult),
     Log { data: ByteBuf, done: bool },
+    Sched(SchedConfig),
+    Events(Vec<crate::events::Event>),
 }
 
 pub type ClientResult = Result<ClientResponse, RemoteError>;

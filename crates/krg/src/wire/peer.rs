@@ -60,6 +60,10 @@ pub enum PeerRequest {
         uid: u32,
         offset: u64,
     },
+    /// This node's decisions after a time.
+    Events {
+        since_ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +77,7 @@ pub enum PeerResponse {
     Done,
     Waited(WaitResult),
     Log { data: ByteBuf, done: bool },
+    Events(Vec<crate::events::Event>),
 }
 
 /// What a long poll on a job's end found.

@@ -1,0 +1,123 @@
+//! The scheduler's configuration, kept in the replicated state so every
+//! node applies the same policy, changed at run time by `krg sched set`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementKind {
+    RoundRobin,
+    LeastLoaded,
+    Pack,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalancerKind {
+    Off,
+    Balance,
+    Pack,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SchedConfig {
+    pub placement: PlacementKind,
+    pub balancer: BalancerKind,
+    /// How often each node considers moving its jobs.
+    pub interval_ms: u64,
+    /// A node balances only when its load per unit of capacity exceeds the
+    /// cluster's average by this factor.
+    pub threshold: f64,
+    /// A job stays at least this long on a node before it may move again.
+    pub min_residence_ms: u64,
+    /// Bytes per second a migration is expected to move (the cost model).
+    pub migration_bytes_per_s: f64,
+    /// Seconds over which a move must pay for itself.
+    pub horizon_s: f64,
+    /// Nodes with less free memory are not given new work.
+    pub mem_free_min_bytes: u64,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig {
+            placement: PlacementKind::LeastLoaded,
+            balancer: BalancerKind::Off,
+            interval_ms: 2000,
+            threshold: 1.25,
+            min_residence_ms: 30_000,
+            migration_bytes_per_s: 100e6,
+            horizon_s: 60.0,
+            mem_free_min_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown policy '{0}' (placement: round-robin, least-loaded, pack; balancer: balance, pack, off)")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for PlacementKind {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" => Ok(PlacementKind::RoundRobin),
+            "least-loaded" => Ok(PlacementKind::LeastLoaded),
+            "pack" => Ok(PlacementKind::Pack),
+            _ => Err(UnknownPolicy(s.to_string())),
+        }
+    }
+}
+
+impl FromStr for BalancerKind {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(BalancerKind::Off),
+            "balance" => Ok(BalancerKind::Balance),
+            "pack" => Ok(BalancerKind::Pack),
+            _ => Err(UnknownPolicy(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for PlacementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlacementKind::RoundRobin => "round-robin",
+            PlacementKind::LeastLoaded => "least-loaded",
+            PlacementKind::Pack => "pack",
+        })
+    }
+}
+
+impl fmt::Display for BalancerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BalancerKind::Off => "off",
+            BalancerKind::Balance => "balance",
+            BalancerKind::Pack => "pack",
+        })
+    }
+}
+
+impl SchedConfig {
+    /// Rejects values that would make the scheduler misbehave.
+    pub fn check(&self) -> Result<(), String> {
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err("the balancing interval must be between 100 ms and 1 h".into());
+        }
+        if !(1.0..=100.0).contains(&self.threshold) {
+            return Err("the threshold must be between 1.0 and 100".into());
+        }
+        if self.min_residence_ms > 24 * 3_600_000 {
+            return Err("the minimum residence must be at most 24 h".into());
+        }
+        if !(self.migration_bytes_per_s > 0.0 && self.horizon_s > 0.0) {
+            return Err("the migration rate and horizon must be positive".into());
+        }
+        Ok(())
+    }
+}
