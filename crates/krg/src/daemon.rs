@@ -229,6 +229,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         placements: Mutex::new(VecDeque::new()),
         placement_policy: Mutex::new(None),
         events: crate::events::EventLog::new(id),
+        view_cache: Arc::new(crate::view::ViewCache::default()),
         config: config.clone(),
         id,
         identity,
@@ -247,6 +248,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::api::server::serve(socket, node.clone()));
     tokio::spawn(crate::gossip::task::run(node.clone()));
     tokio::spawn(crate::cluster::duties::run(node.clone()));
+    let _view = mount_view(&node);
     tracing::info!(node = %node.id, addr = %node.addr, socket = %config.socket.display(), "krgd serving");
     eprintln!("krgd: ready");
     wait_for_shutdown().await;
@@ -254,6 +256,29 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(3), node.raft.shutdown()).await;
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
+}
+
+/// Serves the cluster view, unless disabled; a node without FUSE works on,
+/// its jobs simply see the node's own /proc.
+fn mount_view(node: &Arc<Node>) -> Option<fuser::BackgroundSession> {
+    let dir = &node.config.view_dir;
+    if dir.as_os_str() == "none" {
+        return None;
+    }
+    tokio::spawn(crate::view::refresh_loop(
+        node.clone(),
+        node.view_cache.clone(),
+    ));
+    match crate::view::fs::mount(dir, node.view_cache.clone()) {
+        Ok(s) => {
+            tracing::info!(dir = %dir.display(), "cluster view mounted");
+            Some(s)
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot mount the cluster view; jobs will see this node only");
+            None
+        }
+    }
 }
 
 async fn wait_for_shutdown() {

@@ -18,4 +18,5 @@ pub mod node;
 pub mod peer;
 pub mod policy;
 pub mod probe;
+pub mod view;
 pub mod wire;

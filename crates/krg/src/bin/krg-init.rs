@@ -75,7 +75,7 @@ fn main() {
         -1 => die(&status, Step::Fork, errno(), "cannot fork the job's init"),
         0 => {
             spawn::wait_gate(gate);
-            let code = inner_init(&mut plan, &status);
+            let code = inner_init(&mut plan, &status, args.view.as_deref());
             exit(code);
         }
         inner => {
@@ -86,7 +86,7 @@ fn main() {
 }
 
 /// pid 1 of the job. Returns the exit code.
-fn inner_init(plan: &mut spawn::Plan, status: &Status) -> i32 {
+fn inner_init(plan: &mut spawn::Plan, status: &Status, view: Option<&std::ffi::OsStr>) -> i32 {
     let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
     if let Err(err) = mount(None::<&str>, "/", None::<&str>, private, None::<&str>) {
         die(
@@ -110,6 +110,9 @@ fn inner_init(plan: &mut spawn::Plan, status: &Status) -> i32 {
             err as i32,
             "cannot mount the job's /proc",
         );
+    }
+    if let Some(view) = view {
+        bind_view(std::path::Path::new(view));
     }
     if let Err(err) = nix::unistd::setsid() {
         die(
@@ -193,5 +196,29 @@ fn gate(status: &Status) -> (RawFd, RawFd) {
     match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok((read_end, write_end)) => (read_end.into_raw_fd(), write_end.into_raw_fd()),
         Err(err) => die(status, Step::Fork, err as i32, "cannot create a pipe"),
+    }
+}
+
+/// The cluster view's files over the job's own (as LXCFS does for a
+/// container). A file the view does not serve is left as it is: the job
+/// then sees that part of the node, which is better than not running.
+fn bind_view(view: &std::path::Path) {
+    const FILES: [(&str, &str); 6] = [
+        ("cpuinfo", "/proc/cpuinfo"),
+        ("meminfo", "/proc/meminfo"),
+        ("loadavg", "/proc/loadavg"),
+        ("stat", "/proc/stat"),
+        ("uptime", "/proc/uptime"),
+        ("cpu/online", "/sys/devices/system/cpu/online"),
+    ];
+    for (name, target) in FILES {
+        let source = view.join(name);
+        let _ = mount(
+            Some(&source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        );
     }
 }

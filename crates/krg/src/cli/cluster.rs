@@ -126,6 +126,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         gossip_interval: Duration::ZERO,
         load_scope: crate::probe::LoadScope::System,
         init: None,
+        view_dir: PathBuf::new(),
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

@@ -7,6 +7,7 @@ use std::time::Duration;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/krg";
 pub const DEFAULT_SOCKET: &str = "/run/krg/krgd.sock";
 pub const DEFAULT_PORT: u16 = 7470;
+pub const DEFAULT_VIEW_DIR: &str = "/run/krg/view";
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct NodeConfig {
@@ -38,6 +39,9 @@ pub struct NodeConfig {
     /// Time between gossip rounds.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub gossip_interval: Duration,
+    /// Where the cluster view (FUSE) is mounted; `none` to serve none.
+    #[arg(long, env = "KRG_VIEW_DIR", default_value = DEFAULT_VIEW_DIR)]
+    pub view_dir: PathBuf,
     /// The krg-init binary (default: next to krgd, else on PATH).
     #[arg(long, env = "KRG_INIT")]
     pub init: Option<PathBuf>,

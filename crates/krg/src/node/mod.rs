@@ -51,6 +51,8 @@ pub struct Node {
     pub logs_dir: PathBuf,
     /// Recent placements, counted until gossip reports them.
     pub placements: Mutex<VecDeque<(NodeId, Instant)>>,
+    /// The cluster view's cache, shared with its FUSE threads.
+    pub view_cache: Arc<crate::view::ViewCache>,
     /// Recent automatic decisions, with their reasons.
     pub events: crate::events::EventLog,
     /// The placement policy in force, and the configuration it was made from.
@@ -221,6 +223,11 @@ impl Node {
                     .await
                     .map(PeerResponse::Waited)
             }
+            PeerRequest::ProcTexts => Ok(PeerResponse::ProcTexts(Box::new(
+                tokio::task::spawn_blocking(crate::view::render::ProcTexts::read_local)
+                    .await
+                    .unwrap_or_default(),
+            ))),
             PeerRequest::Events { since_ms } => {
                 Ok(PeerResponse::Events(self.events.since(since_ms)))
             }

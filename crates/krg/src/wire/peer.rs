@@ -64,6 +64,8 @@ pub enum PeerRequest {
     Events {
         since_ms: u64,
     },
+    /// This node's /proc files, for the cluster view.
+    ProcTexts,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -78,6 +80,7 @@ pub enum PeerResponse {
     Waited(WaitResult),
     Log { data: ByteBuf, done: bool },
     Events(Vec<crate::events::Event>),
+    ProcTexts(Box<crate::view::render::ProcTexts>),
 }
 
 /// What a long poll on a job's end found.

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! krg-init --uid U --gid G [--groups G1,G2,...] --cwd DIR [--umask OCTAL]
-//!          [--rlimit NAME=SOFT:HARD ...] [--cgroup DIR ...] [--pty] -- CMD ARGS...
+//!          [--rlimit NAME=SOFT:HARD ...] [--cgroup DIR ...] [--view DIR] [--pty] -- CMD ARGS...
 //! ```
 //!
 //! Options take their value as the next word or after `=` (`--uid=1000`).
@@ -63,13 +63,15 @@ pub struct Args {
     pub pty: bool,
     /// Cgroup directories the job joins before anything else happens.
     pub cgroups: Vec<OsString>,
+    /// The cluster view to bind over the job's /proc and /sys files.
+    pub view: Option<OsString>,
     /// `CMD ARGS...`, never empty.
     pub command: Vec<OsString>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
-    #[error("unknown option {0:?} (usage: krg-init --uid U --gid G [--groups G,...] --cwd DIR [--umask OCTAL] [--rlimit NAME=SOFT:HARD]... [--cgroup DIR]... [--pty] -- CMD ARGS...)")]
+    #[error("unknown option {0:?} (usage: krg-init --uid U --gid G [--groups G,...] --cwd DIR [--umask OCTAL] [--rlimit NAME=SOFT:HARD]... [--cgroup DIR]... [--view DIR] [--pty] -- CMD ARGS...)")]
     UnknownOption(String),
     #[error("unexpected word {0:?} before `--`; the command goes after `--`")]
     UnexpectedWord(String),
@@ -87,7 +89,7 @@ pub enum ArgsError {
     TooManyGroups { count: usize },
     #[error("--cwd {0:?} is not an absolute path")]
     RelativeCwd(OsString),
-    #[error("--cgroup {0:?} is not an absolute path")]
+    #[error("--cgroup or --view {0:?} is not an absolute path")]
     RelativeCgroup(OsString),
     #[error("--umask {0:?} is not an octal mode between 0 and 777")]
     BadUmask(String),
@@ -107,6 +109,7 @@ enum Opt {
     Umask,
     Rlimit,
     Cgroup,
+    View,
 }
 
 impl Opt {
@@ -119,6 +122,7 @@ impl Opt {
             "umask" => Opt::Umask,
             "rlimit" => Opt::Rlimit,
             "cgroup" => Opt::Cgroup,
+            "view" => Opt::View,
             _ => return None,
         })
     }
@@ -132,6 +136,7 @@ impl Opt {
             Opt::Umask => "umask",
             Opt::Rlimit => "rlimit",
             Opt::Cgroup => "cgroup",
+            Opt::View => "view",
         }
     }
 }
@@ -145,6 +150,7 @@ struct Partial {
     umask: Option<u32>,
     rlimits: Vec<Rlimit>,
     cgroups: Vec<OsString>,
+    view: Option<OsString>,
     pty: bool,
 }
 
@@ -205,6 +211,12 @@ impl Partial {
                 put(&mut self.cwd, value, opt)
             }
             Opt::Umask => put(&mut self.umask, parse_umask(&text)?, opt),
+            Opt::View => {
+                if !value.as_bytes().starts_with(b"/") {
+                    return Err(ArgsError::RelativeCgroup(value));
+                }
+                put(&mut self.view, value, opt)
+            }
             Opt::Cgroup => {
                 if !value.as_bytes().starts_with(b"/") {
                     return Err(ArgsError::RelativeCgroup(value));
@@ -239,6 +251,7 @@ impl Partial {
             rlimits: self.rlimits,
             pty: self.pty,
             cgroups: self.cgroups,
+            view: self.view,
             command,
         })
     }

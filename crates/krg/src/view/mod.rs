@@ -1,0 +1,151 @@
+//! The cluster view: a FUSE file system served by each krgd (mounted at
+//! /run/krg/view by default) with the cluster as one machine's /proc files
+//! (`render`), per-node and per-job directories (`fs`). Jobs get its files
+//! bind-mounted over their /proc and /sys files by krg-init, as LXCFS does
+//! for containers.
+//!
+//! The FUSE threads never wait on the network: they read a cache that a
+//! task refreshes about once a second while somebody reads the view.
+
+pub mod fs;
+pub mod render;
+
+use crate::job::JobInfo;
+use crate::node::Node;
+use crate::wire::peer::{PeerRequest, PeerResponse};
+use krg_types::{NodeId, NodeState};
+use render::ProcTexts;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often the cache is refreshed while the view is in use.
+const REFRESH: Duration = Duration::from_secs(1);
+/// The view stays fresh this long after its last read.
+const IN_USE: Duration = Duration::from_secs(10);
+/// A read older than this waits for a refresh (up to `STALE_WAIT`).
+const STALE: Duration = Duration::from_secs(3);
+const STALE_WAIT: Duration = Duration::from_millis(1500);
+/// A node's texts are asked for with this timeout.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    /// Up nodes, in id order, with their /proc texts.
+    pub nodes: Vec<(NodeId, Arc<ProcTexts>)>,
+    /// Every member and its state (for nodes/<id>/state).
+    pub states: Vec<(NodeId, NodeState)>,
+    pub jobs: Vec<JobInfo>,
+    pub taken: Option<Instant>,
+}
+
+/// Shared between the refresher task and the FUSE threads.
+#[derive(Default)]
+pub struct ViewCache {
+    snap: Mutex<Snapshot>,
+    last_read: Mutex<Option<Instant>>,
+    refreshed: Condvar,
+}
+
+impl ViewCache {
+    /// The latest snapshot; waits a little for a fresh one if it is stale.
+    pub fn get(&self) -> Snapshot {
+        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let guard = self.snap.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = guard.taken.is_none_or(|t| t.elapsed() > STALE);
+        if stale {
+            let (guard, _) = self
+                .refreshed
+                .wait_timeout_while(guard, STALE_WAIT, |s| {
+                    s.taken.is_none_or(|t| t.elapsed() > STALE)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            return guard.clone();
+        }
+        guard.clone()
+    }
+
+    fn in_use(&self) -> bool {
+        self.last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < IN_USE)
+    }
+
+    fn put(&self, s: Snapshot) {
+        *self.snap.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.refreshed.notify_all();
+    }
+}
+
+/// Keeps the cache fresh while the view is read.
+pub async fn refresh_loop(node: Arc<Node>, cache: Arc<ViewCache>) {
+    let mut last: Vec<(NodeId, Arc<ProcTexts>, Instant)> = Vec::new();
+    loop {
+        if cache.in_use() {
+            let snap = take(&node, &mut last).await;
+            cache.put(snap);
+        }
+        tokio::time::sleep(REFRESH / 4).await;
+        if !cache.in_use() {
+            continue;
+        }
+        tokio::time::sleep(REFRESH * 3 / 4).await;
+    }
+}
+
+/// Asks every up node for its texts; a node that does not answer keeps its
+/// last texts for a moment (it may only be slow), then drops out.
+async fn take(node: &Arc<Node>, last: &mut Vec<(NodeId, Arc<ProcTexts>, Instant)>) -> Snapshot {
+    let recs: Vec<_> = node.state.read(|d| d.state.members().cloned().collect());
+    let states: Vec<(NodeId, NodeState)> =
+        recs.iter().map(|r| (r.id, node.shown_state(r))).collect();
+    let mut asks = Vec::new();
+    for r in recs.iter().filter(|r| r.state == NodeState::Up) {
+        let node = node.clone();
+        let (id, addr) = (r.id, r.addr.clone());
+        asks.push(tokio::spawn(async move {
+            if id == node.id {
+                let t = tokio::task::spawn_blocking(ProcTexts::read_local)
+                    .await
+                    .ok();
+                return (id, t);
+            }
+            match node
+                .peers
+                .call(id, &addr, PeerRequest::ProcTexts, ASK_TIMEOUT)
+                .await
+            {
+                Ok(PeerResponse::ProcTexts(t)) if t.fits() => (id, Some(*t)),
+                _ => (id, None),
+            }
+        }));
+    }
+    let now = Instant::now();
+    let mut nodes = Vec::new();
+    for a in asks {
+        let Ok((id, texts)) = a.await else { continue };
+        match texts {
+            Some(t) => {
+                let t = Arc::new(t);
+                last.retain(|(n, _, _)| *n != id);
+                last.push((id, t.clone(), now));
+                nodes.push((id, t));
+            }
+            None => {
+                if let Some((_, t, at)) = last.iter().find(|(n, _, _)| *n == id) {
+                    if now.duration_since(*at) < STALE {
+                        nodes.push((id, t.clone()));
+                    }
+                }
+            }
+        }
+    }
+    nodes.sort_by_key(|(id, _)| *id);
+    let jobs = crate::job::ops::list_all(node).await;
+    Snapshot {
+        nodes,
+        states,
+        jobs,
+        taken: Some(Instant::now()),
+    }
+}
