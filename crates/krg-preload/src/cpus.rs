@@ -58,7 +58,7 @@ type SchedGetaffinity = unsafe extern "C" fn(pid_t, size_t, *mut cpu_set_t) -> c
 type PthreadGetaffinity = unsafe extern "C" fn(pthread_t, size_t, *mut cpu_set_t) -> c_int;
 type GetNprocs = unsafe extern "C" fn() -> c_int;
 
-fn next<T>(name: &CStr) -> Option<T> {
+pub(crate) fn next<T>(name: &CStr) -> Option<T> {
     // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name; the symbol, if
     // found, is the libc function of the type T names.
     unsafe {

@@ -6,5 +6,8 @@
 //! OpenMP runtimes) ask the kernel directly; this library answers them with
 //! the cluster's CPUs, read from `/sys/devices/system/cpu/online` — the
 //! view's file inside a job, so both answers always agree.
+//!
+//! It also carries distant exec (`exec`): see there.
 
 mod cpus;
+mod exec;

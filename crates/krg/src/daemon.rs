@@ -176,6 +176,15 @@ fn init_path(config: &NodeConfig) -> anyhow::Result<std::path::PathBuf> {
     bail!("cannot find krg-init next to krgd or on PATH: install it or pass --init PATH")
 }
 
+/// A file installed next to krgd (or, for a library, in ../lib).
+fn tool_path(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    [dir.join(name), dir.join("../lib").join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .and_then(|p| p.canonicalize().ok())
+}
+
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     // Jobs' init processes are orphaned on purpose by the outer krg-init:
     // they must become our children so we can reap them.
@@ -225,6 +234,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         jobs: JobTable::default(),
         gpids,
         init_path: init_path(&config)?,
+        preload_path: tool_path("libkrg_preload.so"),
+        krg_path: tool_path("krg"),
+        view_dir: std::sync::OnceLock::new(),
         logs_dir,
         placements: Mutex::new(VecDeque::new()),
         placement_policy: Mutex::new(None),
@@ -272,6 +284,7 @@ fn mount_view(node: &Arc<Node>) -> Option<fuser::BackgroundSession> {
     match crate::view::fs::mount(dir, node.view_cache.clone()) {
         Ok(s) => {
             tracing::info!(dir = %dir.display(), "cluster view mounted");
+            let _ = node.view_dir.set(dir.clone());
             Some(s)
         }
         Err(e) => {

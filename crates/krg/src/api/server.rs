@@ -159,6 +159,23 @@ async fn dispatch(node: &Arc<Node>, caller: Caller, req: ClientRequest) -> Clien
         ClientRequest::Events { since_ms } => {
             Ok(ClientResponse::Events(ops::events(node, since_ms).await))
         }
+        ClientRequest::Caps { gpid, changes } => {
+            let gpid = match gpid {
+                Some(g) => g,
+                None => caller
+                    .pid
+                    .and_then(|pid| crate::job::home::job_of_pid(node, pid))
+                    .map(|b| b.gpid)
+                    .ok_or_else(|| {
+                        RemoteError::new(
+                            ErrorCode::BadRequest,
+                            "not inside a krg job: name one with -k GPID",
+                        )
+                    })?,
+            };
+            let caps = ops::caps(node, gpid, caller.uid, changes).await?;
+            Ok(ClientResponse::Caps { gpid, caps })
+        }
         ClientRequest::SchedShow => Ok(ClientResponse::Sched(
             node.state.read(|d| d.state.sched.clone()),
         )),

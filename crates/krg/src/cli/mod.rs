@@ -1,5 +1,6 @@
 //! The `krg` command line: one file per subcommand.
 
+pub mod capset;
 pub mod cluster;
 pub mod doctor;
 pub mod events;
@@ -11,6 +12,7 @@ pub mod ps;
 pub mod rsh;
 pub mod run;
 pub mod sched;
+pub mod shell;
 pub mod top;
 pub mod wait;
 
@@ -54,6 +56,10 @@ pub enum Command {
     Top(top::TopArgs),
     /// The cluster's automatic decisions and their reasons.
     Events(events::EventsArgs),
+    /// Show or change a job's capabilities (CAN_MIGRATE, DISTANT_FORK, ...).
+    Capset(capset::CapsetArgs),
+    /// An interactive shell that is itself a krg job (--cap +DISTANT_FORK spreads what it runs).
+    Shell(shell::ShellArgs),
     /// This machine as a node: join a cluster.
     #[command(subcommand)]
     Node(cluster::NodeCommand),
@@ -78,6 +84,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sched(c) => sched::run(c),
         Command::Events(a) => events::run(a),
         Command::Top(a) => top::run(a),
+        Command::Capset(a) => capset::run(a),
+        Command::Shell(a) => shell::run(a),
         Command::Node(c) => cluster::run_node(c),
         Command::Doctor(a) => doctor::run(a),
         Command::Lab(c) => crate::lab::cli::run(c),

@@ -79,6 +79,11 @@ pub fn run(args: RshArgs) -> anyhow::Result<i32> {
         no_tty: !args.tty,
         no_stdin: args.no_stdin,
         detach: false,
+        caps: vec![],
+        no_migrate: false,
+        local_view: false,
+        distant_exec: false,
+        argv0: None,
         command: shell_command(&args.command),
     };
     let req = request(&run_args)?;
@@ -86,6 +91,8 @@ pub fn run(args: RshArgs) -> anyhow::Result<i32> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let code = runtime.block_on(deputy(req, args.no_stdin))?;
-    std::process::exit(code);
+    match runtime.block_on(deputy(req, args.no_stdin))? {
+        super::run::Outcome::Exit(code) => std::process::exit(code),
+        super::run::Outcome::RunHere => bail!("krgd asked to run a remote shell command here"),
+    }
 }

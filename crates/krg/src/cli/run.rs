@@ -2,6 +2,7 @@
 //! stdout, stderr, signals and exit status as if it ran here.
 
 use crate::api::client::{socket_path, Client};
+use crate::job::caps::{CapChange, Which};
 use crate::job::spec::{Rlimit, RunRequest, TtySize};
 use crate::wire::client::ClientRequest;
 use crate::wire::stream::{FromBody, ToBody};
@@ -44,6 +45,22 @@ pub struct RunArgs {
     /// Print the job's gpid and return; its output goes to its log (`krg logs`).
     #[arg(long, short = 'd')]
     pub detach: bool,
+    /// Change the job's capabilities: +CAP raises, -CAP lowers (effective set).
+    #[arg(long = "cap", value_name = "+CAP|-CAP", allow_hyphen_values = true)]
+    pub caps: Vec<String>,
+    /// Never move this job to balance the load.
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Let the job see its node's /proc instead of the cluster's.
+    #[arg(long)]
+    pub local_view: bool,
+    /// Used by the preload library for distant exec: run in place if the
+    /// scheduler keeps the program on this node.
+    #[arg(long, hide = true)]
+    pub distant_exec: bool,
+    /// argv[0] for the program (distant exec keeps the caller's).
+    #[arg(long, hide = true, value_name = "NAME")]
+    pub argv0: Option<OsString>,
     /// The command and its arguments.
     #[arg(
         trailing_var_arg = true,
@@ -153,6 +170,14 @@ pub fn request(args: &RunArgs) -> anyhow::Result<RunRequest> {
         node: args.node,
         nodes: args.nodes.clone(),
         detach: args.detach,
+        caps: args
+            .caps
+            .iter()
+            .map(|c| CapChange::parse(Which::Effective, c))
+            .collect::<Result<_, _>>()?,
+        no_migrate: args.no_migrate,
+        local_view: args.local_view,
+        distant: args.distant_exec,
     })
 }
 
@@ -162,9 +187,40 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let code = runtime.block_on(deputy(req, args.no_stdin))?;
-    // The stdin thread may still block in read(2): leave without waiting.
-    std::process::exit(code);
+    match runtime.block_on(deputy(req, args.no_stdin))? {
+        // The stdin thread may still block in read(2): leave without waiting.
+        Outcome::Exit(code) => std::process::exit(code),
+        Outcome::RunHere => {
+            drop(runtime);
+            run_here(&args)
+        }
+    }
+}
+
+/// How a `krg run` ended.
+pub enum Outcome {
+    Exit(i32),
+    /// Distant exec and the scheduler keeps the program here.
+    RunHere,
+}
+
+/// Becomes the program, as the exec the preload library redirected would
+/// have done.
+fn run_here(args: &RunArgs) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let (program, rest) = args.command.split_first().expect("clap requires a command");
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest);
+    if let Some(a0) = &args.argv0 {
+        cmd.arg0(a0);
+    }
+    let err = cmd.exec();
+    eprintln!("krg: {}: {err}", program.to_string_lossy());
+    Ok(if err.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 /// The terminal in raw mode while a pty job runs, restored on drop.
@@ -199,7 +255,7 @@ impl Drop for RawTerminal {
 }
 
 /// Talks to krgd for the job's whole life; returns the exit code.
-pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<i32> {
+pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> {
     let tty = req.tty.is_some();
     let detach = req.detach;
     let mut client = Client::connect(&socket_path()).await?;
@@ -213,13 +269,14 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<i32> {
         FromBody::Started { gpid, node } => (gpid, node),
         FromBody::Failed { error, exit_code } => {
             eprintln!("krg: {}", error.message);
-            return Ok(exit_code);
+            return Ok(Outcome::Exit(exit_code));
         }
+        FromBody::RunHere => return Ok(Outcome::RunHere),
         other => anyhow::bail!("krgd answered with something unexpected ({other:?})"),
     };
     if detach {
         println!("{gpid}");
-        return Ok(0);
+        return Ok(Outcome::Exit(0));
     }
     let _raw = (tty && isatty(0)).then(RawTerminal::enter);
     let (mut sink, mut stream) = client.conn.into_inner().split();
@@ -269,17 +326,17 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<i32> {
             FromBody::Lost { node } => {
                 drop(_raw);
                 eprintln!("krg: node {node} went down while running job {gpid}");
-                return Ok(255);
+                return Ok(Outcome::Exit(255));
             }
-            FromBody::Started { .. } => {}
+            FromBody::Started { .. } | FromBody::RunHere => {}
         }
     }
     drop(_raw);
     match code {
-        Some(c) => Ok(c),
+        Some(c) => Ok(Outcome::Exit(c)),
         None => {
             eprintln!("krg: lost the connection to krgd while running job {gpid}");
-            Ok(255)
+            Ok(Outcome::Exit(255))
         }
     }
 }

@@ -2,6 +2,7 @@
 //! pipes or a pty, pumps the streams, delivers signals, and reports how the
 //! job ended.
 
+use super::caps::{Cap, CapChange, CapError, Caps};
 use super::cgroup::JobCgroup;
 use super::fdio::{pipe, Fd};
 use super::reap::{self, WaitStatus};
@@ -47,9 +48,29 @@ pub struct BodyCtl {
     pub stopped: AtomicBool,
     /// Set when the body is being checkpointed or moved.
     pub frozen: AtomicBool,
+    caps: Mutex<Caps>,
+    pub no_migrate: bool,
+    /// Where the job's capabilities are published (the view's jobs/<gpid>/caps).
+    view: Arc<crate::view::ViewCache>,
 }
 
 impl BodyCtl {
+    pub fn caps(&self) -> Caps {
+        *self.caps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies capability changes (by the job's owner or root).
+    pub fn change_caps(&self, changes: &[CapChange], root: bool) -> Result<Caps, CapError> {
+        let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = *caps;
+        for ch in changes {
+            next.apply(*ch, root)?;
+        }
+        *caps = next;
+        self.view.set_caps(self.gpid, Some(next));
+        Ok(next)
+    }
+
     /// Delivers a signal as the job's owner would expect: stop and continue
     /// act on every process of the job (krg-init forwards other signals to
     /// the command's process group; a stop sent that way would be ignored
@@ -184,7 +205,17 @@ fn internal(node: NodeId, what: &str, e: impl std::fmt::Display) -> (RemoteError
     )
 }
 
-fn init_args(spec: &LaunchSpec, cgroup: &JobCgroup) -> Vec<std::ffi::OsString> {
+/// The cluster view for this job, unless it asked for its node's own.
+fn view_for(node: &Node, spec: &LaunchSpec) -> Option<std::path::PathBuf> {
+    let local = spec.local_view || spec.caps.has(Cap::SeeLocalProcStat);
+    (!local).then(|| node.view_dir.get().cloned()).flatten()
+}
+
+fn init_args(
+    spec: &LaunchSpec,
+    cgroup: &JobCgroup,
+    view: Option<&std::path::Path>,
+) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = vec![
         "--uid".into(),
         spec.uid.to_string().into(),
@@ -221,6 +252,10 @@ fn init_args(spec: &LaunchSpec, cgroup: &JobCgroup) -> Vec<std::ffi::OsString> {
         a.push("--cgroup".into());
         a.push(d.as_os_str().to_owned());
     }
+    if let Some(v) = view {
+        a.push("--view".into());
+        a.push(v.as_os_str().to_owned());
+    }
     if spec.tty.is_some() {
         a.push("--pty".into());
     }
@@ -250,7 +285,11 @@ async fn launch(node: &Arc<Node>, spec: &LaunchSpec) -> Result<Launched, (Remote
                 cgroup,
                 stopped: AtomicBool::new(false),
                 frozen: AtomicBool::new(false),
+                caps: Mutex::new(spec.caps),
+                no_migrate: spec.no_migrate,
+                view: node.view_cache.clone(),
             });
+            node.view_cache.set_caps(spec.gpid, Some(spec.caps));
             Ok(Launched {
                 ctl,
                 stdin: Some(stdin),
@@ -305,8 +344,9 @@ async fn spawn_init(
         let (err_r, err_w) = pipe().map_err(io("stderr pipe"))?;
         (in_r, out_w, err_w, in_w, out_r, Some(err_r))
     };
+    let view = view_for(node, spec);
     let mut cmd = std::process::Command::new(&node.init_path);
-    cmd.args(init_args(spec, cgroup))
+    cmd.args(init_args(spec, cgroup, view.as_deref()))
         .env_clear()
         .envs(spec.env.iter().filter_map(|e| {
             let pos = e.iter().position(|b| *b == b'=')?;
@@ -316,10 +356,19 @@ async fn spawn_init(
             ))
         }))
         .env("KRG_GPID", spec.gpid.to_string())
-        .env("KRG_NODE", node.id.to_string())
-        .stdin(child_in)
-        .stdout(child_out)
-        .stderr(child_err);
+        .env("KRG_NODE", node.id.to_string());
+    if let Some(v) = &view {
+        cmd.env("KRG_VIEW", v);
+        if let Some(preload) = &node.preload_path {
+            // krg-init puts it first in the command's LD_PRELOAD; krg-init
+            // itself must not load it.
+            cmd.env("KRG_PRELOAD", preload);
+        }
+    }
+    if let Some(krg) = &node.krg_path {
+        cmd.env("KRG_BIN", krg);
+    }
+    cmd.stdin(child_in).stdout(child_out).stderr(child_err);
     let status_fd = status_w.as_raw_fd();
     // SAFETY: the closure only calls dup2, which is async-signal-safe, on
     // descriptors that stay open in the child until exec.
@@ -437,6 +486,7 @@ async fn run(
     }
     control.abort();
     node.jobs.bodies_remove(gpid);
+    node.view_cache.set_caps(gpid, None);
     let _ = tx.send(FromBody::Exited(status)).await;
     tracing::debug!(gpid = %gpid, %status, "job ended");
     let ctl2 = ctl.clone();

@@ -3,6 +3,7 @@
 //! exit status for `krg ps`, `krg wait` and `krg logs`.
 
 use super::body::{self, BodyLink};
+use super::caps::{Cap, Caps};
 use super::spec::{LaunchSpec, RunRequest};
 use super::{link, place, JobInfo, JobState};
 use crate::api::Caller;
@@ -117,6 +118,18 @@ pub fn prune_finished(deps: &mut HashMap<Gpid, Arc<Deputy>>) {
     }
 }
 
+/// The job a local process belongs to, from its cgroup (never from what
+/// the process says).
+pub fn job_of_pid(node: &Node, pid: i32) -> Option<Arc<super::body::BodyCtl>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|line| {
+        let name = line.rsplit('/').find(|part| part.starts_with("job-"))?;
+        let (home, seq) = name.strip_prefix("job-")?.split_once('-')?;
+        let gpid = Gpid::new(home.parse().ok()?, seq.parse().ok()?).ok()?;
+        node.jobs.body(gpid)
+    })
+}
+
 /// Who the caller is, from the system's user database (never from the client).
 fn resolve_user(uid: u32, gid: u32) -> (String, Vec<u32>) {
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
@@ -175,7 +188,30 @@ async fn start(
 ) -> Result<(Arc<Deputy>, BodyLink, FromBody), FromBody> {
     req.check()
         .map_err(|e| failed(RemoteError::new(ErrorCode::BadRequest, e.to_string()), 1))?;
+    let parent = caller.pid.and_then(|pid| job_of_pid(node, pid));
+    let mut caps = parent
+        .as_ref()
+        .map_or_else(Caps::default, |p| p.caps().for_child());
+    for ch in &req.caps {
+        caps.apply(*ch, caller.is_root()).map_err(|e| {
+            failed(
+                RemoteError::new(ErrorCode::PermissionDenied, e.to_string()),
+                1,
+            )
+        })?;
+    }
+    if req.distant
+        && !parent
+            .as_ref()
+            .is_some_and(|p| p.caps().has(Cap::DistantFork))
+    {
+        return Err(FromBody::RunHere);
+    }
     let target = place::choose(node, req).map_err(|e| failed(e, 1))?;
+    if req.distant && target == node.id {
+        place::record(node, target);
+        return Err(FromBody::RunHere);
+    }
     let gpid = node
         .gpids
         .next()
@@ -194,6 +230,9 @@ async fn start(
         rlimits: req.rlimits.clone(),
         tty: req.tty,
         submitted_ms: now_ms(),
+        caps,
+        no_migrate: req.no_migrate,
+        local_view: req.local_view,
     };
     let log = if req.detach {
         Some(node.log_path(gpid))
@@ -215,9 +254,13 @@ async fn start(
     });
     place::record(node, target);
     if req.node.is_none() {
+        let how = if req.distant { "distant exec: " } else { "" };
         node.events.record(
             "placement",
-            format!("placed {gpid} ({}) on node {target}", spec.command_line()),
+            format!(
+                "{how}placed {gpid} ({}) on node {target}",
+                spec.command_line()
+            ),
         );
     }
     let mut link = if target == node.id {
@@ -325,7 +368,7 @@ async fn keep_detached(deputy: Arc<Deputy>, link: BodyLink) {
                 deputy.set_state(DeputyState::Lost);
                 break;
             }
-            FromBody::Started { .. } | FromBody::StdinAck(_) => {}
+            FromBody::Started { .. } | FromBody::StdinAck(_) | FromBody::RunHere => {}
         }
     }
     if matches!(deputy.state(), DeputyState::Running | DeputyState::Starting) {

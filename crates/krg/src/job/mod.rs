@@ -7,6 +7,7 @@
 //!   different nodes.
 
 pub mod body;
+pub mod caps;
 pub mod cgroup;
 pub mod fdio;
 pub mod gpid;

@@ -316,3 +316,50 @@ pub async fn events(node: &Arc<Node>, since_ms: u64) -> Vec<crate::events::Event
     all.sort_by_key(|e| (e.time_ms, e.node));
     all
 }
+
+/// Shows or changes the capabilities of a body running here.
+pub fn caps_local(
+    node: &Node,
+    gpid: Gpid,
+    uid: u32,
+    changes: &[crate::job::caps::CapChange],
+) -> Result<crate::job::caps::Caps, RemoteError> {
+    let body = node.jobs.body(gpid).ok_or_else(|| not_found(gpid))?;
+    if changes.is_empty() {
+        return Ok(body.caps());
+    }
+    if uid != 0 && uid != body.uid {
+        return Err(denied(gpid, &body.user));
+    }
+    body.change_caps(changes, uid == 0)
+        .map_err(|e| RemoteError::new(ErrorCode::PermissionDenied, e.to_string()))
+}
+
+/// Shows or changes a job's capabilities wherever it runs.
+pub async fn caps(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    uid: u32,
+    changes: Vec<crate::job::caps::CapChange>,
+) -> Result<crate::job::caps::Caps, RemoteError> {
+    if node.jobs.body(gpid).is_some() {
+        return caps_local(node, gpid, uid, &changes);
+    }
+    let at = locate(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+    let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
+    match node
+        .peers
+        .call(
+            at,
+            &addr,
+            PeerRequest::Caps { gpid, uid, changes },
+            ASK_TIMEOUT,
+        )
+        .await
+    {
+        Ok(PeerResponse::Caps(c)) => Ok(c),
+        Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+        Err(crate::peer::PeerError::Remote(e)) => Err(e),
+        Err(e) => Err(RemoteError::new(ErrorCode::Unavailable, e.to_string())),
+    }
+}

@@ -1,6 +1,7 @@
 //! What a job is started with: the user's request (from `krg run`) and the
 //! launch specification the home node sends to the execution node.
 
+use crate::job::caps::{CapChange, Caps};
 use krg_types::limits::{ARGV_BYTES_MAX, ENV_BYTES_MAX, ENV_ENTRIES_MAX};
 use krg_types::{Gpid, NodeId};
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,15 @@ pub struct RunRequest {
     pub nodes: Vec<NodeId>,
     /// Print the gpid and return; output goes to the job log.
     pub detach: bool,
+    /// Changes to the capabilities the job would get (`--cap +X`).
+    pub caps: Vec<CapChange>,
+    /// The balancer never moves this job.
+    pub no_migrate: bool,
+    /// The job sees its node's /proc, not the cluster's.
+    pub local_view: bool,
+    /// Distant exec from a job with DISTANT_FORK: if the scheduler keeps
+    /// the program here, the client runs it in place (no new job).
+    pub distant: bool,
 }
 
 /// What the execution node needs to start the body.
@@ -60,6 +70,9 @@ pub struct LaunchSpec {
     pub tty: Option<TtySize>,
     /// Milliseconds since the epoch when the user asked.
     pub submitted_ms: u64,
+    pub caps: Caps,
+    pub no_migrate: bool,
+    pub local_view: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -150,6 +163,10 @@ mod tests {
             node: None,
             nodes: vec![],
             detach: false,
+            caps: vec![],
+            no_migrate: false,
+            local_view: false,
+            distant: false,
         }
     }
 

@@ -17,11 +17,16 @@
 //! from that record, and without it from the names alone, so a lab left
 //! half-made by a crash is still removed by `krg lab down`.
 //!
+//! `up` starts node 1 (which creates the cluster), then the others one at a
+//! time, each joining node 1 with a token of its own: node K gets node id K.
+//!
 //! [`Lab`] is the handle tests use: it removes the lab when dropped unless
-//! [`Lab::keep`] was called (as the `krg lab` CLI does, see [`cli`]).
+//! [`Lab::keep`] was called (as the `krg lab` CLI does, see [`cli`]);
+//! [`demo`] is `krg lab demo`.
 
 mod cgroup;
 pub mod cli;
+pub mod demo;
 mod enter;
 pub mod names;
 mod net;
@@ -308,15 +313,15 @@ impl Lab {
             ));
         }
         let join = names::node_listen_addr(record.index, 1);
+        // One join at a time, so that node K gets node id K: a joining krgd
+        // serves its socket only once it has joined, so its answer means its
+        // id is given. (Joins are quick; this costs little.)
         for (k, token) in tokens {
             self.step(&format!("starting krgd on node {k}, joining {join}"));
             self.spawn_daemon(k, Some((join, token)))?;
-        }
-        // Each node answers on its own socket (a joining krgd may serve it
-        // only once it has joined), and node 1 sees them all up.
-        for k in 2..=record.nodes {
             self.wait_answering(k, deadline)?;
         }
+        // Node 1 sees them all up.
         self.wait_cluster_up(1, record.nodes, deadline)
     }
 
@@ -710,12 +715,23 @@ impl Lab {
                 .arg("--token")
                 .arg(token);
         }
+        // Lab nodes share this machine: each reports the load of its own
+        // cgroup, and serves its cluster view in its own directory.
+        let has = |flag: &str| record.krgd_args.iter().any(|a| a == flag);
+        if !has("--load-scope") {
+            command.args(["--load-scope", "cgroup"]);
+        }
+        if !has("--view-dir") {
+            command.arg("--view-dir").arg(self.names.node_dir(k).join("view"));
+        }
         command.args(&record.krgd_args);
         let log_err = log
             .try_clone()
             .with_context(|| format!("krg lab: cannot open {}", log_path.display()))?;
         command.stdin(Stdio::null()).stdout(log).stderr(log_err);
         self.node_env(&mut command, k, &record);
+        // The log is a file: no colour codes in it.
+        command.env("NO_COLOR", "1");
         let procs = cgroup::procs_files(&node_dirs);
         enter::Entry::open(&self.names, k, &procs)?
             .with_setsid()

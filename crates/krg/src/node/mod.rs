@@ -47,6 +47,12 @@ pub struct Node {
     pub gpids: GpidAllocator,
     /// The `krg-init` binary jobs start with.
     pub init_path: PathBuf,
+    /// `libkrg_preload.so`, loaded into jobs that see the cluster.
+    pub preload_path: Option<PathBuf>,
+    /// The `krg` binary (distant exec runs it in jobs).
+    pub krg_path: Option<PathBuf>,
+    /// Where the cluster view is mounted, once it is.
+    pub view_dir: std::sync::OnceLock<PathBuf>,
     /// Where detached jobs' logs go.
     pub logs_dir: PathBuf,
     /// Recent placements, counted until gossip reports them.
@@ -222,6 +228,9 @@ impl Node {
                 crate::job::ops::wait_local(self, gpid, uid, t)
                     .await
                     .map(PeerResponse::Waited)
+            }
+            PeerRequest::Caps { gpid, uid, changes } => {
+                crate::job::ops::caps_local(self, gpid, uid, &changes).map(PeerResponse::Caps)
             }
             PeerRequest::ProcTexts => Ok(PeerResponse::ProcTexts(Box::new(
                 tokio::task::spawn_blocking(crate::view::render::ProcTexts::read_local)

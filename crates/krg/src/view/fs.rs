@@ -4,7 +4,7 @@
 //! /cpuinfo /meminfo /loadavg /stat /uptime     the cluster as one machine
 //! /cpu/online                                  0-N over every CPU
 //! /nodes/<id>/{cpuinfo,meminfo,loadavg,stat,uptime,state}
-//! /jobs/<gpid>/{status,cmdline}                gpid as HOME:SEQ
+//! /jobs/<gpid>/{status,cmdline,caps}           gpid as HOME:SEQ (caps: jobs here)
 //! ```
 //!
 //! Files are rendered when opened and read from that copy (direct I/O, size
@@ -42,7 +42,7 @@ const JOBS_DIR: u64 = 10;
 const NODE_BASE: u64 = 0x1000_0000;
 const NODE_FILES: [&str; 6] = ["cpuinfo", "meminfo", "loadavg", "stat", "uptime", "state"];
 const JOB_BASE: u64 = 1 << 40;
-const JOB_FILES: [&str; 2] = ["status", "cmdline"];
+const JOB_FILES: [&str; 3] = ["status", "cmdline", "caps"];
 
 /// What an inode is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,10 +91,12 @@ fn job_dir_ino(g: Gpid) -> u64 {
     JOB_BASE + g.raw() * 4
 }
 
-fn exists(e: Entry, s: &Snapshot) -> bool {
+fn exists(e: Entry, s: &Snapshot, cache: &ViewCache) -> bool {
     match e {
         Entry::NodeDir(id) | Entry::NodeFile(id, _) => s.states.iter().any(|(n, _)| *n == id),
-        Entry::JobDir(g) | Entry::JobFile(g, _) => s.jobs.iter().any(|j| j.gpid == g),
+        Entry::JobDir(g) | Entry::JobFile(g, _) => {
+            s.jobs.iter().any(|j| j.gpid == g) || cache.caps(g).is_some()
+        }
         _ => true,
     }
 }
@@ -113,7 +115,7 @@ fn top_file(i: usize, texts: &[&ProcTexts]) -> String {
     }
 }
 
-fn content(e: Entry, s: &Snapshot) -> Option<String> {
+fn content(e: Entry, s: &Snapshot, cache: &ViewCache) -> Option<String> {
     Some(match e {
         Entry::Dir | Entry::NodeDir(_) | Entry::JobDir(_) => return None,
         Entry::Top(i) => top_file(i, &all_texts(s)),
@@ -126,6 +128,7 @@ fn content(e: Entry, s: &Snapshot) -> Option<String> {
             Some((_, t)) => top_file(i, &[t.as_ref()]),
             None => String::new(),
         },
+        Entry::JobFile(g, 2) => format!("{}\n", cache.caps(g)?),
         Entry::JobFile(g, 0) => {
             let j = s.jobs.iter().find(|j| j.gpid == g)?;
             format!(
@@ -150,7 +153,7 @@ fn content(e: Entry, s: &Snapshot) -> Option<String> {
     })
 }
 
-fn children(ino: u64, s: &Snapshot) -> Option<Vec<(u64, FileType, String)>> {
+fn children(ino: u64, s: &Snapshot, cache: &ViewCache) -> Option<Vec<(u64, FileType, String)>> {
     let mut out = Vec::new();
     match classify(ino)? {
         Entry::Dir if ino == ROOT => {
@@ -170,8 +173,12 @@ fn children(ino: u64, s: &Snapshot) -> Option<Vec<(u64, FileType, String)>> {
             }
         }
         Entry::Dir => {
-            for j in &s.jobs {
-                out.push((job_dir_ino(j.gpid), FileType::Directory, j.gpid.to_string()));
+            let mut gpids: Vec<Gpid> = s.jobs.iter().map(|j| j.gpid).collect();
+            gpids.extend(cache.local_gpids());
+            gpids.sort();
+            gpids.dedup();
+            for g in gpids {
+                out.push((job_dir_ino(g), FileType::Directory, g.to_string()));
             }
         }
         Entry::NodeDir(id) => {
@@ -184,7 +191,8 @@ fn children(ino: u64, s: &Snapshot) -> Option<Vec<(u64, FileType, String)>> {
             }
         }
         Entry::JobDir(g) => {
-            for (i, name) in JOB_FILES.iter().enumerate() {
+            let here = cache.caps(g).is_some();
+            for (i, name) in JOB_FILES.iter().enumerate().filter(|(i, _)| *i < 2 || here) {
                 out.push((
                     job_dir_ino(g) + 1 + i as u64,
                     FileType::RegularFile,
@@ -241,7 +249,7 @@ impl ViewFs {
 impl Filesystem for ViewFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let s = self.cache.get();
-        let Some(kids) = children(parent.0, &s) else {
+        let Some(kids) = children(parent.0, &s, &self.cache) else {
             return reply.error(Errno::ENOENT);
         };
         match kids.into_iter().find(|(_, _, n)| OsStr::new(n) == name) {
@@ -257,7 +265,9 @@ impl Filesystem for ViewFs {
             return reply.error(Errno::ENOENT);
         };
         let dir = matches!(e, Entry::Dir | Entry::NodeDir(_) | Entry::JobDir(_));
-        if matches!(e, Entry::Dir | Entry::Top(_) | Entry::Online) || exists(e, &self.cache.get()) {
+        if matches!(e, Entry::Dir | Entry::Top(_) | Entry::Online)
+            || exists(e, &self.cache.get(), &self.cache)
+        {
             reply.attr(&TTL, &attr(ino.0, dir));
         } else {
             reply.error(Errno::ENOENT);
@@ -272,7 +282,7 @@ impl Filesystem for ViewFs {
             return reply.error(Errno::ENOENT);
         };
         let s = self.cache.get();
-        let Some(text) = content(e, &s) else {
+        let Some(text) = content(e, &s, &self.cache) else {
             return reply.error(Errno::ENOENT);
         };
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,7 +345,7 @@ impl Filesystem for ViewFs {
         mut reply: ReplyDirectory,
     ) {
         let s = self.cache.get();
-        let Some(kids) = children(ino.0, &s) else {
+        let Some(kids) = children(ino.0, &s, &self.cache) else {
             return reply.error(Errno::ENOENT);
         };
         let mut all = vec![

@@ -44,9 +44,37 @@ pub struct ViewCache {
     snap: Mutex<Snapshot>,
     last_read: Mutex<Option<Instant>>,
     refreshed: Condvar,
+    /// Capabilities of the jobs running here, always current (the preload
+    /// library reads them at every exec).
+    local_caps: Mutex<std::collections::HashMap<krg_types::Gpid, crate::job::caps::Caps>>,
 }
 
 impl ViewCache {
+    pub fn set_caps(&self, gpid: krg_types::Gpid, caps: Option<crate::job::caps::Caps>) {
+        let mut m = self.local_caps.lock().unwrap_or_else(|p| p.into_inner());
+        match caps {
+            Some(c) => m.insert(gpid, c),
+            None => m.remove(&gpid),
+        };
+    }
+
+    pub fn local_gpids(&self) -> Vec<krg_types::Gpid> {
+        self.local_caps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    pub fn caps(&self, gpid: krg_types::Gpid) -> Option<crate::job::caps::Caps> {
+        self.local_caps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&gpid)
+            .copied()
+    }
+
     /// The latest snapshot; waits a little for a fresh one if it is stale.
     pub fn get(&self) -> Snapshot {
         *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());

@@ -37,6 +37,12 @@ pub enum ClientRequest {
     SchedShow,
     /// `krg sched set` (root only): the whole new configuration.
     SchedSet(SchedConfig),
+    /// `krg capset`: show (no changes) or change a job's capabilities; the
+    /// caller's own job when `gpid` is none.
+    Caps {
+        gpid: Option<Gpid>,
+        changes: Vec<crate::job::caps::CapChange>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,9 +54,16 @@ pub enum ClientResponse {
     Jobs(Vec<JobInfo>),
     Signaled(Vec<(Gpid, Result<(), RemoteError>)>),
     Waited(WaitResult),
-    Log { data: ByteBuf, done: bool },
+    Log {
+        data: ByteBuf,
+        done: bool,
+    },
     Sched(SchedConfig),
     Events(Vec<crate::events::Event>),
+    Caps {
+        gpid: Gpid,
+        caps: crate::job::caps::Caps,
+    },
 }
 
 pub type ClientResult = Result<ClientResponse, RemoteError>;

@@ -66,6 +66,12 @@ pub enum PeerRequest {
     },
     /// This node's /proc files, for the cluster view.
     ProcTexts,
+    /// Show or change the capabilities of a body running there.
+    Caps {
+        gpid: Gpid,
+        uid: u32,
+        changes: Vec<crate::job::caps::CapChange>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,6 +87,7 @@ pub enum PeerResponse {
     Log { data: ByteBuf, done: bool },
     Events(Vec<crate::events::Event>),
     ProcTexts(Box<crate::view::render::ProcTexts>),
+    Caps(crate::job::caps::Caps),
 }
 
 /// What a long poll on a job's end found.

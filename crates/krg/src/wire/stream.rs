@@ -54,6 +54,9 @@ pub enum FromBody {
     Lost {
         node: NodeId,
     },
+    /// Distant exec: the scheduler keeps the program on this node; the
+    /// client runs it in place.
+    RunHere,
 }
 
 /// How a job ended.

@@ -65,8 +65,9 @@ impl Plan {
         let mut sh_argv = vec![sh.as_ptr(), ptr::null()];
         sh_argv.extend(words.iter().skip(1).map(|w| w.as_ptr()));
         sh_argv.push(ptr::null());
-        let env: Vec<CString> = std::env::vars_os()
-            .map(|(k, v)| env_entry(&k, &v))
+        let env: Vec<CString> = job_env(std::env::vars_os().collect())
+            .iter()
+            .map(|(k, v)| env_entry(k, v))
             .collect();
         let envp = null_terminated(&env);
         let path = std::env::var_os("PATH");
@@ -277,6 +278,27 @@ fn candidates(cmd: &[u8], path: &[u8]) -> Vec<CString> {
             c_string(OsStr::from_bytes(&full))
         })
         .collect()
+}
+
+/// The command's environment: ours, except that `KRG_PRELOAD` (the preload
+/// library krgd wants in the job, kept out of krg-init itself) becomes the
+/// first entry of `LD_PRELOAD`.
+pub fn job_env(mut vars: Vec<(OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    let Some(i) = vars.iter().position(|(k, _)| k == "KRG_PRELOAD") else {
+        return vars;
+    };
+    let (_, preload) = vars.remove(i);
+    match vars.iter_mut().find(|(k, _)| k == "LD_PRELOAD") {
+        Some((_, theirs)) if !theirs.is_empty() => {
+            let mut v = preload;
+            v.push(":");
+            v.push(&*theirs);
+            *theirs = v;
+        }
+        Some((_, theirs)) => *theirs = preload,
+        None => vars.push((OsString::from("LD_PRELOAD"), preload)),
+    }
+    vars
 }
 
 /// Words from argv and the environment hold no NUL.
