@@ -241,6 +241,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         placements: Mutex::new(VecDeque::new()),
         placement_policy: Mutex::new(None),
         events: crate::events::EventLog::new(id),
+        metrics: crate::metrics::Metrics::new(),
         view_cache: Arc::new(crate::view::ViewCache::default()),
         config: config.clone(),
         id,
@@ -261,6 +262,14 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::gossip::task::run(node.clone()));
     tokio::spawn(crate::cluster::duties::run(node.clone()));
     let _view = mount_view(&node);
+    if config.metrics != "none" {
+        let addr: SocketAddr = config
+            .metrics
+            .parse()
+            .with_context(|| format!("--metrics {}: not an ip:port address", config.metrics))?;
+        crate::metrics::serve(addr, Arc::downgrade(&node))
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     tracing::info!(node = %node.id, addr = %node.addr, socket = %config.socket.display(), "krgd serving");
     eprintln!("krgd: ready");
     wait_for_shutdown().await;

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod job;
 pub mod join;
 pub mod lab;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod policy;

@@ -127,6 +127,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         load_scope: crate::probe::LoadScope::System,
         init: None,
         view_dir: PathBuf::new(),
+        metrics: "none".into(),
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

@@ -407,6 +407,10 @@ async fn run(
     let mut l = match launch(&node, &spec).await {
         Ok(l) => l,
         Err((error, exit_code)) => {
+            node.metrics
+                .failures
+                .get_or_create(&crate::metrics::Metrics::label(&[("kind", "launch")]))
+                .inc();
             let _ = tx.send(FromBody::Failed { error, exit_code }).await;
             return;
         }
@@ -430,6 +434,7 @@ async fn run(
         return;
     };
     l.ctl.init_pid.store(init_pid, Ordering::SeqCst);
+    node.metrics.launches.inc();
     node.jobs.bodies_insert(l.ctl.clone());
     tracing::debug!(gpid = %gpid, pid = init_pid, "job started");
     let _ = tx

@@ -254,6 +254,15 @@ async fn start(
     });
     place::record(node, target);
     if req.node.is_none() {
+        let policy = node.state.read(|d| d.state.sched.placement.to_string());
+        node.metrics
+            .placements
+            .get_or_create(&crate::metrics::Metrics::label(&[("policy", &policy)]))
+            .inc();
+        node.metrics
+            .decisions
+            .get_or_create(&crate::metrics::Metrics::label(&[("kind", "placement")]))
+            .inc();
         let how = if req.distant { "distant exec: " } else { "" };
         node.events.record(
             "placement",

@@ -42,6 +42,9 @@ pub struct NodeConfig {
     /// Where the cluster view (FUSE) is mounted; `none` to serve none.
     #[arg(long, env = "KRG_VIEW_DIR", default_value = DEFAULT_VIEW_DIR)]
     pub view_dir: PathBuf,
+    /// Where `/metrics` (Prometheus) is served; `none` for nowhere.
+    #[arg(long, default_value = "127.0.0.1:9470")]
+    pub metrics: String,
     /// The krg-init binary (default: next to krgd, else on PATH).
     #[arg(long, env = "KRG_INIT")]
     pub init: Option<PathBuf>,

@@ -59,6 +59,8 @@ pub struct Node {
     pub placements: Mutex<VecDeque<(NodeId, Instant)>>,
     /// The cluster view's cache, shared with its FUSE threads.
     pub view_cache: Arc<crate::view::ViewCache>,
+    /// Prometheus counters and histograms.
+    pub metrics: crate::metrics::Metrics,
     /// Recent automatic decisions, with their reasons.
     pub events: crate::events::EventLog,
     /// The placement policy in force, and the configuration it was made from.
