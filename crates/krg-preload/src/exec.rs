@@ -96,10 +96,11 @@ unsafe fn redirect(path: &CStr, argv: *const *const c_char) -> Redirect {
         .map(|s| CString::new(*s).expect("no NUL in constants"))
         .collect();
     let mut out: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
-    // SAFETY: argv[0], if any, is a C string (caller's guarantee).
     let argv0 = if argv.is_null() {
         std::ptr::null()
     } else {
+        // SAFETY: argv is a NULL-terminated array (caller's guarantee), so
+        // its first slot is readable.
         unsafe { *argv }
     };
     let dashdash = CString::new("--").expect("no NUL");
