@@ -25,6 +25,9 @@ use nix::sched::{unshare, CloneFlags};
 
 use crate::status::{errno, Line, Status, Step, STATUS_FD};
 
+/// Marks, in the environment, the inner init's re-execution.
+const INNER_MARK: &str = "KRG_INIT_INNER";
+
 /// Exit code on a bad command line.
 const EXIT_USAGE: i32 = 2;
 /// Exit code when a step before the command fails (also reported on fd 3).
@@ -38,12 +41,20 @@ fn main() {
             exit(EXIT_USAGE);
         }
     };
+    // Set in the environment of the inner init's re-execution (see
+    // `reexec_inner`); removed before the plan copies our environment for
+    // the command.
+    let inner = std::env::var_os(INNER_MARK).is_some();
+    std::env::remove_var(INNER_MARK);
     let mut plan = spawn::Plan::new(&args);
     // First of all, so that no signal is lost between a fork and the
     // init's sigwaitinfo: the mask is inherited by both children.
     reaper::block_all_signals();
     sanitize_fds();
     let status = Status::new(STATUS_FD);
+    if inner {
+        exit(inner_init(&mut plan, &status, args.view.as_deref()));
+    }
     // Join the job's cgroups before forking, so that nothing of the job
     // ever runs outside them.
     for dir in &args.cgroups {
@@ -75,8 +86,7 @@ fn main() {
         -1 => die(&status, Step::Fork, errno(), "cannot fork the job's init"),
         0 => {
             spawn::wait_gate(gate);
-            let code = inner_init(&mut plan, &status, args.view.as_deref());
-            exit(code);
+            reexec_inner(&status);
         }
         inner => {
             status.send(Line::new("pid").num(i64::from(inner)));
@@ -221,4 +231,45 @@ fn bind_view(view: &std::path::Path) {
             None::<&str>,
         );
     }
+}
+
+/// Runs krg-init again as the inner init, now that the job's mount
+/// namespace exists. Our binary and libraries were mapped before
+/// `unshare(CLONE_NEWNS)`, from the node's mounts, which CRIU does not find
+/// in the job's namespace: it refuses to dump the job ("Can't lookup
+/// mount"). Executing the same path again maps them through the job's own
+/// mounts. Not `/proc/self/exe`: that link leads back to the node's mount.
+/// `execv` keeps the blocked signal mask and any pending signal.
+fn reexec_inner(status: &Status) -> ! {
+    use std::os::unix::ffi::OsStrExt;
+    let exe = match std::fs::read_link("/proc/self/exe") {
+        Ok(exe) => exe,
+        Err(err) => die(
+            status,
+            Step::Fork,
+            err.raw_os_error().unwrap_or(libc::EIO),
+            "cannot find krg-init's own binary",
+        ),
+    };
+    let c_string = |bytes: &[u8]| std::ffi::CString::new(bytes).unwrap_or_default();
+    let path = c_string(exe.as_os_str().as_bytes());
+    let words: Vec<std::ffi::CString> = std::env::args_os()
+        .map(|a| c_string(a.as_bytes()))
+        .collect();
+    let mut argv: Vec<*const libc::c_char> = words.iter().map(|w| w.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    std::env::set_var(INNER_MARK, "1");
+    // SAFETY: fcntl on our fd 3, which must survive the exec (the new image
+    // marks it close-on-exec again); `path` and `argv` are NUL-terminated and
+    // outlive the call, which returns only on failure.
+    unsafe {
+        libc::fcntl(STATUS_FD, libc::F_SETFD, 0);
+        libc::execv(path.as_ptr(), argv.as_ptr());
+    }
+    die(
+        status,
+        Step::Fork,
+        errno(),
+        "cannot run krg-init again in the job's namespaces",
+    )
 }

@@ -309,6 +309,6 @@ mod tests {
     fn names_parse() {
         assert_eq!(Cap::parse("distant_fork"), Ok(Cap::DistantFork));
         assert!(Cap::parse("FLY").is_err());
-        assert_eq!(ch(Which::Effective, "-CHECKPOINTABLE").raise, false);
+        assert!(!ch(Which::Effective, "-CHECKPOINTABLE").raise);
     }
 }
