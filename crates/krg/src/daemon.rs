@@ -242,6 +242,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         placement_policy: Mutex::new(None),
         events: crate::events::EventLog::new(id),
         metrics: crate::metrics::Metrics::new(),
+        criu: crate::criu::CriuRpc::new(),
+        me: std::sync::OnceLock::new(),
         view_cache: Arc::new(crate::view::ViewCache::default()),
         config: config.clone(),
         id,
@@ -251,6 +253,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         state,
         peers,
     });
+    let _ = node.me.set(Arc::downgrade(&node));
     tokio::spawn(crate::peer::server::serve(
         listener,
         server_tls,
@@ -262,6 +265,19 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::gossip::task::run(node.clone()));
     tokio::spawn(crate::cluster::duties::run(node.clone()));
     let _view = mount_view(&node);
+    tokio::task::spawn_blocking(|| {
+        // CRIU's lazy page server needs bigger pipes than the default.
+        match crate::features::ensure_pipe_max_size() {
+            Ok(what) => tracing::info!(?what, "fs.pipe-max-size"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise fs.pipe-max-size: lazy migration may fail")
+            }
+        }
+        let f = crate::features::get();
+        for line in f.render_text().lines() {
+            tracing::info!("feature: {line}");
+        }
+    });
     if config.metrics != "none" {
         let addr: SocketAddr = config
             .metrics

@@ -11,6 +11,7 @@ pub mod events;
 pub mod features;
 pub mod gossip;
 pub mod identity;
+pub mod image;
 pub mod job;
 pub mod join;
 pub mod lab;

@@ -15,7 +15,7 @@ pub enum ClientError {
     },
     #[error("lost the connection to krgd: {0}")]
     Wire(#[from] WireError),
-    #[error("{}", .0.message)]
+    #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error("krgd answered with something unexpected")]
     Unexpected,

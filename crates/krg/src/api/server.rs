@@ -176,6 +176,35 @@ async fn dispatch(node: &Arc<Node>, caller: Caller, req: ClientRequest) -> Clien
             let caps = ops::caps(node, gpid, caller.uid, changes).await?;
             Ok(ClientResponse::Caps { gpid, caps })
         }
+        ClientRequest::Migrate {
+            gpid,
+            node: target,
+            mode,
+        } => Ok(ClientResponse::Migrated(
+            ops::migrate(node, gpid, target, mode, caller.uid).await?,
+        )),
+        ClientRequest::Checkpoint { gpid, after } => Ok(ClientResponse::ImageSaved(
+            ops::checkpoint(node, gpid, after, caller.uid).await?,
+        )),
+        ClientRequest::Restart {
+            gpid,
+            version,
+            node: target,
+        } => {
+            let (version, at) = ops::restart(node, gpid, version, target, caller.uid).await?;
+            Ok(ClientResponse::Restarted {
+                gpid,
+                version,
+                node: at,
+            })
+        }
+        ClientRequest::Images { gpid } => {
+            Ok(ClientResponse::Images(ops::images(node, gpid, caller.uid)))
+        }
+        ClientRequest::ImagesRm { gpid, version } => {
+            ops::images_rm(node, gpid, version, caller.uid).await?;
+            Ok(ClientResponse::Done)
+        }
         ClientRequest::SchedShow => Ok(ClientResponse::Sched(
             node.state.read(|d| d.state.sched.clone()),
         )),

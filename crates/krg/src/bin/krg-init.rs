@@ -34,7 +34,11 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_SETUP: i32 = 1;
 
 fn main() {
-    let args = match args::parse(std::env::args_os().skip(1)) {
+    let words: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if words.first().is_some_and(|w| w == "--attach-view") {
+        exit(attach_view(&words[1..]));
+    }
+    let args = match args::parse(words) {
         Ok(args) => args,
         Err(err) => {
             eprintln!("krg-init: {err}");
@@ -272,4 +276,32 @@ fn reexec_inner(status: &Status) -> ! {
         errno(),
         "cannot run krg-init again in the job's namespaces",
     )
+}
+
+/// `krg-init --attach-view DIR PID`: binds the cluster view into the mount
+/// namespace of a job whose init is PID (a job restored by CRIU, whose view
+/// mounts belonged to the node it left). Runs as root, single-threaded, so
+/// it may enter another mount namespace.
+fn attach_view(words: &[std::ffi::OsString]) -> i32 {
+    let (Some(dir), Some(pid), None) = (words.first(), words.get(1), words.get(2)) else {
+        eprintln!("krg-init: usage: krg-init --attach-view DIR PID");
+        return EXIT_USAGE;
+    };
+    let Some(pid) = pid.to_str().and_then(|p| p.parse::<u32>().ok()) else {
+        eprintln!("krg-init: --attach-view: {pid:?} is not a pid");
+        return EXIT_USAGE;
+    };
+    let ns = match std::fs::File::open(format!("/proc/{pid}/ns/mnt")) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("krg-init: cannot open the mount namespace of pid {pid}: {e}");
+            return EXIT_SETUP;
+        }
+    };
+    if let Err(e) = nix::sched::setns(&ns, CloneFlags::CLONE_NEWNS) {
+        eprintln!("krg-init: cannot enter the mount namespace of pid {pid}: {e}");
+        return EXIT_SETUP;
+    }
+    bind_view(std::path::Path::new(dir));
+    0
 }

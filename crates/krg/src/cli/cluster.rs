@@ -128,6 +128,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         init: None,
         view_dir: PathBuf::new(),
         metrics: "none".into(),
+        image_store: PathBuf::new(),
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

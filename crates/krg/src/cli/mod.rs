@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod events;
 pub mod kill;
 pub mod logs;
+pub mod migrate;
 pub mod nodes;
 pub mod output;
 pub mod ps;
@@ -60,6 +61,14 @@ pub enum Command {
     Capset(capset::CapsetArgs),
     /// An interactive shell that is itself a krg job (--cap +DISTANT_FORK spreads what it runs).
     Shell(shell::ShellArgs),
+    /// Move a running job to another node; its streams and gpid stay.
+    Migrate(migrate::MigrateArgs),
+    /// Save a running job as a new image version.
+    Checkpoint(migrate::CheckpointArgs),
+    /// Bring a job back from an image, on any node.
+    Restart(migrate::RestartArgs),
+    /// List (or remove) jobs' images.
+    Images(migrate::ImagesArgs),
     /// This machine as a node: join a cluster.
     #[command(subcommand)]
     Node(cluster::NodeCommand),
@@ -85,6 +94,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Events(a) => events::run(a),
         Command::Top(a) => top::run(a),
         Command::Capset(a) => capset::run(a),
+        Command::Migrate(a) => migrate::migrate(a),
+        Command::Checkpoint(a) => migrate::checkpoint(a),
+        Command::Restart(a) => migrate::restart(a),
+        Command::Images(a) => migrate::images(a),
         Command::Shell(a) => shell::run(a),
         Command::Node(c) => cluster::run_node(c),
         Command::Doctor(a) => doctor::run(a),

@@ -328,7 +328,13 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
                 eprintln!("krg: node {node} went down while running job {gpid}");
                 return Ok(Outcome::Exit(255));
             }
-            FromBody::Started { .. } | FromBody::RunHere => {}
+            // Moves are the deputy side's business (krgd); never seen here.
+            FromBody::Started { .. }
+            | FromBody::RunHere
+            | FromBody::Moving
+            | FromBody::Moved { .. }
+            | FromBody::Resumed
+            | FromBody::Checkpointed { .. } => {}
         }
     }
     drop(_raw);

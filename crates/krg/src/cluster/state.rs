@@ -37,6 +37,8 @@ pub struct ClusterState {
     pub ca_holder: Option<NodeId>,
     /// The global scheduler's policies, the same on every node.
     pub sched: crate::policy::config::SchedConfig,
+    /// The image catalogue: every checkpoint of every job.
+    pub images: BTreeMap<(krg_types::Gpid, u32), crate::image::ImageRecord>,
 }
 
 impl ClusterState {
@@ -95,6 +97,19 @@ impl ClusterState {
                     CommandResult::Ok
                 }
             },
+            Command::AddImage(rec) => {
+                if self.images.len() >= krg_types::limits::JOB_TABLE_MAX {
+                    return CommandResult::Refused(
+                        "the image catalogue is full: remove old images".into(),
+                    );
+                }
+                self.images.insert((rec.gpid, rec.version), rec.clone());
+                CommandResult::Ok
+            }
+            Command::RemoveImage { gpid, version } => {
+                self.images.remove(&(*gpid, *version));
+                CommandResult::Ok
+            }
             Command::SetSched(cfg) => match cfg.check() {
                 Ok(()) => {
                     self.sched = cfg.clone();

@@ -50,6 +50,10 @@ pub enum Command {
     SetNodeAddr { node: NodeId, addr: String },
     /// `krg sched set`: the scheduler's policies.
     SetSched(crate::policy::config::SchedConfig),
+    /// A checkpoint was written.
+    AddImage(crate::image::ImageRecord),
+    /// `krg images rm`.
+    RemoveImage { gpid: krg_types::Gpid, version: u32 },
 }
 
 /// The outcome of applying a [`Command`].

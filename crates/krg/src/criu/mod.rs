@@ -143,7 +143,7 @@ impl CheckReport {
 
 /// A file whose other end is outside the job (in `krgd`), named as CRIU
 /// names it in its images and in `inherit_fd` keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ExternalKey {
     /// A pipe, by inode: `pipe:[12345]`. CRIU records it without being told.
     Pipe { inode: u64 },

@@ -4,26 +4,23 @@
 
 use super::caps::{Cap, CapChange, CapError, Caps};
 use super::cgroup::JobCgroup;
-use super::fdio::{pipe, Fd};
 use super::reap::{self, WaitStatus};
 use super::spec::LaunchSpec;
-use super::status::{LineSplitter, StatusLine};
+use super::status::StatusLine;
+use super::stdio::{make_streams, BodyIo, JobEnds, Pumps, StatusReader};
 use super::{JobInfo, JobState};
 use crate::node::{now_ms, Node};
 use crate::wire::stream::{ExitStatus, FromBody, ToBody};
 use crate::wire::{ErrorCode, RemoteError};
-use krg_types::limits::{STREAM_CHUNK_BYTES_MAX, STREAM_WINDOW_BYTES};
 use krg_types::{Gpid, NodeId};
-use serde_bytes::ByteBuf;
-use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 /// Frames buffered on each side of a body link.
 pub const LINK_FRAMES_MAX: usize = 16;
@@ -52,9 +49,45 @@ pub struct BodyCtl {
     pub no_migrate: bool,
     /// Where the job's capabilities are published (the view's jobs/<gpid>/caps).
     view: Arc<crate::view::ViewCache>,
+    /// What it was started with (kept for its images and restarts).
+    pub spec: LaunchSpec,
+    /// When it arrived on this node (started, moved or restored here).
+    pub arrived_ms: u64,
+    /// Checkpoint and migration requests, served by its supervisor.
+    pub cmd: mpsc::Sender<super::migrate::BodyCmd>,
+    /// How CRIU knows the job's ends of its streams.
+    pub keys: Mutex<super::stdio::StreamKeys>,
 }
 
 impl BodyCtl {
+    pub fn new(
+        node: &Node,
+        spec: LaunchSpec,
+        cgroup: JobCgroup,
+        cmd: mpsc::Sender<super::migrate::BodyCmd>,
+        keys: super::stdio::StreamKeys,
+    ) -> BodyCtl {
+        node.view_cache.set_caps(spec.gpid, Some(spec.caps));
+        BodyCtl {
+            gpid: spec.gpid,
+            uid: spec.uid,
+            user: spec.user.clone(),
+            command: spec.command_line(),
+            started_ms: spec.submitted_ms,
+            init_pid: AtomicI32::new(0),
+            cgroup,
+            stopped: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
+            caps: Mutex::new(spec.caps),
+            no_migrate: spec.no_migrate,
+            view: node.view_cache.clone(),
+            arrived_ms: now_ms(),
+            spec,
+            cmd,
+            keys: Mutex::new(keys),
+        }
+    }
+
     pub fn caps(&self) -> Caps {
         *self.caps.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -132,34 +165,6 @@ pub fn start(node: &Arc<Node>, spec: LaunchSpec) -> BodyLink {
     }
 }
 
-struct Launched {
-    ctl: Arc<BodyCtl>,
-    stdin: Option<Fd>,
-    stdout: Fd,
-    stderr: Option<Fd>,
-    /// The pty master, for window sizes.
-    pty: bool,
-    status: StatusReader,
-}
-
-/// The status pipe and what is left of a partial line.
-struct StatusReader {
-    fd: Fd,
-    splitter: LineSplitter,
-}
-
-impl StatusReader {
-    /// The next lines; `None` at end of file (the init is gone).
-    async fn next(&mut self) -> std::io::Result<Option<Vec<StatusLine>>> {
-        let mut buf = [0u8; 256];
-        let n = self.fd.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        self.splitter.push(&buf[..n]).map(Some)
-    }
-}
-
 fn failure(node: NodeId, spec: &LaunchSpec, step: &str, errno: i32) -> (RemoteError, i32) {
     let why = std::io::Error::from_raw_os_error(errno).to_string();
     let why = why.split(" (os error").next().unwrap_or(&why).to_string();
@@ -206,7 +211,7 @@ fn internal(node: NodeId, what: &str, e: impl std::fmt::Display) -> (RemoteError
 }
 
 /// The cluster view for this job, unless it asked for its node's own.
-fn view_for(node: &Node, spec: &LaunchSpec) -> Option<std::path::PathBuf> {
+pub(crate) fn view_for(node: &Node, spec: &LaunchSpec) -> Option<std::path::PathBuf> {
     let local = spec.local_view || spec.caps.has(Cap::SeeLocalProcStat);
     (!local).then(|| node.view_dir.get().cloned()).flatten()
 }
@@ -264,44 +269,18 @@ fn init_args(
     a
 }
 
-/// Spawns krg-init and waits for its `pid` line.
-async fn launch(node: &Arc<Node>, spec: &LaunchSpec) -> Result<Launched, (RemoteError, i32)> {
+/// Spawns krg-init in a new cgroup.
+async fn launch(
+    node: &Arc<Node>,
+    spec: &LaunchSpec,
+) -> Result<(JobCgroup, BodyIo, StatusReader), (RemoteError, i32)> {
     let me = node.id;
     spec.check()
         .map_err(|e| (RemoteError::new(ErrorCode::BadRequest, e.to_string()), 1))?;
-    let name = format!("job-{}-{}", spec.gpid.home_node(), spec.gpid.seq());
-    let cgroup = tokio::task::block_in_place(|| JobCgroup::create(&name))
+    let cgroup = tokio::task::block_in_place(|| JobCgroup::create(&cgroup_name(spec.gpid)))
         .map_err(|e| internal(me, "cannot create its cgroup", e))?;
-    let result = spawn_init(node, spec, &cgroup).await;
-    match result {
-        Ok((stdin, stdout, stderr, status, pty)) => {
-            let ctl = Arc::new(BodyCtl {
-                gpid: spec.gpid,
-                uid: spec.uid,
-                user: spec.user.clone(),
-                command: spec.command_line(),
-                started_ms: now_ms(),
-                init_pid: AtomicI32::new(0),
-                cgroup,
-                stopped: AtomicBool::new(false),
-                frozen: AtomicBool::new(false),
-                caps: Mutex::new(spec.caps),
-                no_migrate: spec.no_migrate,
-                view: node.view_cache.clone(),
-            });
-            node.view_cache.set_caps(spec.gpid, Some(spec.caps));
-            Ok(Launched {
-                ctl,
-                stdin: Some(stdin),
-                stdout,
-                stderr,
-                pty,
-                status: StatusReader {
-                    fd: status,
-                    splitter: LineSplitter::default(),
-                },
-            })
-        }
+    match spawn_init(node, spec, &cgroup).await {
+        Ok((io, status)) => Ok((cgroup, io, status)),
         Err(e) => {
             tokio::task::block_in_place(|| cgroup.remove());
             Err(e)
@@ -309,41 +288,25 @@ async fn launch(node: &Arc<Node>, spec: &LaunchSpec) -> Result<Launched, (Remote
     }
 }
 
-type Spawned = (Fd, Fd, Option<Fd>, Fd, bool);
+/// A job's cgroup name on any node (what `home::job_of_pid` parses back).
+pub fn cgroup_name(gpid: Gpid) -> String {
+    format!("job-{}-{}", gpid.home_node(), gpid.seq())
+}
 
 async fn spawn_init(
     node: &Arc<Node>,
     spec: &LaunchSpec,
     cgroup: &JobCgroup,
-) -> Result<Spawned, (RemoteError, i32)> {
+) -> Result<(BodyIo, StatusReader), (RemoteError, i32)> {
     let me = node.id;
-    let io = |what: &'static str| move |e: std::io::Error| internal(me, what, e);
-    let (status_r, status_w) = pipe().map_err(io("status pipe"))?;
-    let (child_in, child_out, child_err, ours_in, ours_out, ours_err): (
-        OwnedFd,
-        OwnedFd,
-        OwnedFd,
-        OwnedFd,
-        OwnedFd,
-        Option<OwnedFd>,
-    ) = if let Some(size) = spec.tty {
-        let ws = nix::pty::Winsize {
-            ws_row: size.rows,
-            ws_col: size.cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        let pty = nix::pty::openpty(Some(&ws), None).map_err(|e| internal(me, "openpty", e))?;
-        let master2 = pty.master.try_clone().map_err(io("dup pty"))?;
-        let slave_out = pty.slave.try_clone().map_err(io("dup pty"))?;
-        let slave_err = pty.slave.try_clone().map_err(io("dup pty"))?;
-        (pty.slave, slave_out, slave_err, pty.master, master2, None)
-    } else {
-        let (in_r, in_w) = pipe().map_err(io("stdin pipe"))?;
-        let (out_r, out_w) = pipe().map_err(io("stdout pipe"))?;
-        let (err_r, err_w) = pipe().map_err(io("stderr pipe"))?;
-        (in_r, out_w, err_w, in_w, out_r, Some(err_r))
-    };
+    let (ends, io, status) =
+        make_streams(spec.tty).map_err(|e| internal(me, "cannot make its streams", e))?;
+    let JobEnds {
+        stdin: child_in,
+        stdout: child_out,
+        stderr: child_err,
+        status: status_w,
+    } = ends;
     let view = view_for(node, spec);
     let mut cmd = std::process::Command::new(&node.init_path);
     cmd.args(init_args(spec, cgroup, view.as_deref()))
@@ -387,14 +350,7 @@ async fn spawn_init(
     drop(status_w);
     // The outer krg-init exits at once; reap it off the runtime's threads.
     tokio::task::spawn_blocking(move || child.wait());
-    let pty = spec.tty.is_some();
-    Ok((
-        Fd::new(ours_in).map_err(io("stdin"))?,
-        Fd::new(ours_out).map_err(io("stdout"))?,
-        ours_err.map(Fd::new).transpose().map_err(io("stderr"))?,
-        Fd::new(status_r).map_err(io("status"))?,
-        pty,
-    ))
+    Ok((io, status))
 }
 
 async fn run(
@@ -404,7 +360,7 @@ async fn run(
     tx: mpsc::Sender<FromBody>,
 ) {
     let gpid = spec.gpid;
-    let mut l = match launch(&node, &spec).await {
+    let (cgroup, io, mut status) = match launch(&node, &spec).await {
         Ok(l) => l,
         Err((error, exit_code)) => {
             node.metrics
@@ -417,7 +373,7 @@ async fn run(
     };
     // The first line is the init's host pid (krg-init guarantees the order).
     let init_pid = loop {
-        match l.status.next().await {
+        match status.next().await {
             Ok(Some(lines)) => {
                 if let Some(StatusLine::Pid(p)) = lines.first() {
                     break Some(*p);
@@ -430,12 +386,14 @@ async fn run(
         let (error, exit_code) =
             internal(node.id, "krg-init", "it exited without reporting its pid");
         let _ = tx.send(FromBody::Failed { error, exit_code }).await;
-        tokio::task::block_in_place(|| l.ctl.cgroup.remove());
+        tokio::task::block_in_place(|| cgroup.remove());
         return;
     };
-    l.ctl.init_pid.store(init_pid, Ordering::SeqCst);
+    let (cmd_tx, cmd_rx) = mpsc::channel(4);
+    let ctl = Arc::new(BodyCtl::new(&node, spec, cgroup, cmd_tx, io.keys));
+    ctl.init_pid.store(init_pid, Ordering::SeqCst);
     node.metrics.launches.inc();
-    node.jobs.bodies_insert(l.ctl.clone());
+    node.jobs.bodies_insert(ctl.clone());
     tracing::debug!(gpid = %gpid, pid = init_pid, "job started");
     let _ = tx
         .send(FromBody::Started {
@@ -443,35 +401,63 @@ async fn run(
             node: node.id,
         })
         .await;
+    let pumps = Pumps::start(io, ctl.clone(), rx, tx.clone());
+    supervise(node, ctl, pumps, status, tx, cmd_rx).await;
+}
 
-    let ctl = l.ctl.clone();
-    let out_task = tokio::spawn(pump_out(l.stdout, tx.clone(), false));
-    let err_task = l
-        .stderr
-        .take()
-        .map(|fd| tokio::spawn(pump_out(fd, tx.clone(), true)));
-    let stdin_fd = l.stdin.take();
-    let control = tokio::spawn(control(rx, ctl.clone(), stdin_fd, l.pty, tx.clone()));
-
-    // Status lines until EOF (init gone), then the init's own wait status.
+/// A body's life on this node: status lines, checkpoint and migration
+/// requests, and its end — reported, or handed to the node it moved to.
+pub async fn supervise(
+    node: Arc<Node>,
+    ctl: Arc<BodyCtl>,
+    mut pumps: Pumps,
+    mut status: StatusReader,
+    tx: mpsc::Sender<FromBody>,
+    mut cmd_rx: mpsc::Receiver<super::migrate::BodyCmd>,
+) {
+    let gpid = ctl.gpid;
     let mut reported: Option<ExitStatus> = None;
-    while let Ok(Some(lines)) = l.status.next().await {
-        for line in lines {
-            match line {
-                StatusLine::Failed { step, errno } => {
-                    let (error, exit_code) = failure(node.id, &spec, &step, errno);
-                    let _ = tx.send(FromBody::Failed { error, exit_code }).await;
+    loop {
+        tokio::select! {
+            lines = status.next() => match lines {
+                Ok(Some(lines)) => {
+                    for line in lines {
+                        match line {
+                            StatusLine::Failed { step, errno } => {
+                                let (error, exit_code) = failure(node.id, &ctl.spec, &step, errno);
+                                let _ = tx.send(FromBody::Failed { error, exit_code }).await;
+                            }
+                            StatusLine::Exit(c) => reported = Some(ExitStatus::Code(c)),
+                            StatusLine::Signal { signal, core } => {
+                                reported = Some(ExitStatus::Signal { signal, core })
+                            }
+                            StatusLine::Pid(_) | StatusLine::Started(_) => {}
+                        }
+                    }
                 }
-                StatusLine::Exit(c) => reported = Some(ExitStatus::Code(c)),
-                StatusLine::Signal { signal, core } => {
-                    reported = Some(ExitStatus::Signal { signal, core })
+                Ok(None) | Err(_) => break,
+            },
+            Some(cmd) = cmd_rx.recv() => {
+                match super::migrate::serve(&node, &ctl, &mut pumps, &mut status, &tx, cmd).await {
+                    super::migrate::After::Stay => {}
+                    super::migrate::After::Gone => {
+                        // Moved away or checkpointed and killed: no exit to report.
+                        pumps.abort();
+                        forget(&node, &ctl).await;
+                        return;
+                    }
+                    super::migrate::After::Replaced => {
+                        // Restored here as a new body (same gpid, same cgroup).
+                        pumps.abort();
+                        return;
+                    }
                 }
-                StatusLine::Pid(_) | StatusLine::Started(_) => {}
             }
         }
     }
+    let init_pid = ctl.init_pid.load(Ordering::SeqCst);
     let waited = reap::wait(init_pid).await.ok().flatten();
-    let status = reported.unwrap_or(match waited {
+    let exit = reported.unwrap_or(match waited {
         Some(WaitStatus::Exited(c)) => ExitStatus::Code(c),
         Some(WaitStatus::Signaled { signal, core }) => ExitStatus::Signal { signal, core },
         None => ExitStatus::Signal {
@@ -480,154 +466,22 @@ async fn run(
         },
     });
     // Whatever the job wrote before it ended goes out before its status.
-    let drain = async {
-        let _ = out_task.await;
-        if let Some(t) = err_task {
-            let _ = t.await;
-        }
-    };
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+    if !pumps.drain(DRAIN_TIMEOUT).await {
         tracing::warn!(gpid = %gpid, "job streams did not drain after it ended");
     }
-    control.abort();
+    pumps.abort();
     node.jobs.bodies_remove(gpid);
-    node.view_cache.set_caps(gpid, None);
-    let _ = tx.send(FromBody::Exited(status)).await;
-    tracing::debug!(gpid = %gpid, %status, "job ended");
-    let ctl2 = ctl.clone();
-    let _ = tokio::task::spawn_blocking(move || ctl2.cgroup.remove()).await;
+    let _ = tx.send(FromBody::Exited(exit)).await;
+    tracing::debug!(gpid = %gpid, %exit, "job ended");
+    forget(&node, &ctl).await;
 }
 
-async fn pump_out(fd: Fd, tx: mpsc::Sender<FromBody>, stderr: bool) {
-    let mut buf = vec![0u8; STREAM_CHUNK_BYTES_MAX];
-    loop {
-        match fd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let chunk = ByteBuf::from(buf[..n].to_vec());
-                let frame = if stderr {
-                    FromBody::Stderr(chunk)
-                } else {
-                    FromBody::Stdout(chunk)
-                };
-                if tx.send(frame).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// Stdin, signals and window sizes from the deputy. Stdin is written by its
-/// own task from a queue bounded by the deputy's credit, so this loop never
-/// waits on the job and a signal is delivered even when the job does not
-/// read its stdin.
-async fn control(
-    mut rx: mpsc::Receiver<ToBody>,
-    ctl: Arc<BodyCtl>,
-    stdin: Option<Fd>,
-    pty: bool,
-    tx: mpsc::Sender<FromBody>,
-) {
-    let queue = Arc::new(StdinQueue::default());
-    let pty_fd = stdin.as_ref().map(Fd::raw);
-    let writer = stdin.map(|fd| tokio::spawn(write_stdin(fd, queue.clone(), tx.clone(), pty)));
-    while let Some(frame) = rx.recv().await {
-        match frame {
-            ToBody::Stdin(data) => queue.push(Some(data.into_vec())),
-            ToBody::StdinEof => queue.push(None),
-            ToBody::Signal(sig) => ctl.signal(sig),
-            ToBody::Resize { rows, cols } => {
-                if let (true, Some(fd)) = (pty, pty_fd) {
-                    let ws = libc::winsize {
-                        ws_row: rows,
-                        ws_col: cols,
-                        ws_xpixel: 0,
-                        ws_ypixel: 0,
-                    };
-                    // SAFETY: TIOCSWINSZ reads a winsize we own from a valid pointer.
-                    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
-                }
-            }
-            ToBody::Hangup => ctl.signal(libc::SIGHUP),
-            ToBody::Launch(_) => {}
-        }
-    }
-    // The deputy is gone: hang the job up, as sshd does when ssh dies.
-    ctl.signal(libc::SIGHUP);
-    if let Some(w) = writer {
-        w.abort();
-    }
-}
-
-#[derive(Default)]
-struct StdinQueue {
-    items: Mutex<VecDeque<Option<Vec<u8>>>>,
-    bytes: Mutex<u64>,
-    ready: Notify,
-}
-
-impl StdinQueue {
-    fn push(&self, item: Option<Vec<u8>>) {
-        let len = item.as_ref().map_or(0, |d| d.len() as u64);
-        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        // The deputy respects the window; a peer that does not loses data
-        // rather than our memory.
-        if *bytes + len > 2 * STREAM_WINDOW_BYTES {
-            tracing::warn!("stdin beyond the credit window dropped");
-            return;
-        }
-        *bytes += len;
-        self.items
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(item);
-        self.ready.notify_one();
-    }
-
-    async fn pop(&self) -> Option<Vec<u8>> {
-        loop {
-            if let Some(item) = self
-                .items
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-            {
-                return item;
-            }
-            self.ready.notified().await;
-        }
-    }
-}
-
-async fn write_stdin(fd: Fd, queue: Arc<StdinQueue>, tx: mpsc::Sender<FromBody>, pty: bool) {
-    let mut fd = Some(fd);
-    loop {
-        let item = queue.pop().await;
-        let Some(data) = item else {
-            // End of stdin: close the pipe. A pty has no end of file of its
-            // own; like ssh -t, leave it open.
-            if !pty {
-                fd = None;
-            }
-            continue;
-        };
-        let len = data.len() as u64;
-        if let Some(f) = &fd {
-            if f.write_all(&data).await.is_err() {
-                // The job closed its stdin: later bytes are dropped, as a
-                // pipe would, but still acknowledged so the deputy goes on.
-                fd = None;
-            }
-        }
-        {
-            let mut bytes = queue.bytes.lock().unwrap_or_else(|p| p.into_inner());
-            *bytes = bytes.saturating_sub(len);
-        }
-        if tx.send(FromBody::StdinAck(len)).await.is_err() {
-            break;
-        }
-    }
+/// This node is done with the body: its record and its cgroup go.
+async fn forget(node: &Arc<Node>, ctl: &Arc<BodyCtl>) {
+    node.jobs.bodies_remove(ctl.gpid);
+    node.view_cache.set_caps(ctl.gpid, None);
+    let ctl = ctl.clone();
+    let _ = tokio::task::spawn_blocking(move || ctl.cgroup.remove()).await;
 }
 
 /// Time since the job started, for listings.

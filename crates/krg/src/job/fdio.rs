@@ -60,6 +60,43 @@ impl Fd {
         }
     }
 
+    /// Reads what is there without waiting: `Ok(None)` if nothing is.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: buf is valid for buf.len() bytes of writes.
+        let n = unsafe { libc::read(self.raw(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(None),
+            Some(libc::EIO) => Ok(Some(0)),
+            _ => Err(e),
+        }
+    }
+
+    /// Writes what fits, waiting until something does.
+    pub async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.inner.writable().await?;
+            let res = guard.try_io(|fd| {
+                // SAFETY: data is valid for data.len() bytes of reads.
+                let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match res {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.inner.writable().await?;

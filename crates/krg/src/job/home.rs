@@ -4,6 +4,7 @@
 
 use super::body::{self, BodyLink};
 use super::caps::{Cap, Caps};
+use super::deputy_link::DeputyLink;
 use super::spec::{LaunchSpec, RunRequest};
 use super::{link, place, JobInfo, JobState};
 use crate::api::Caller;
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Finished jobs remembered for `krg wait` and `krg logs`.
 const FINISHED_KEPT_MAX: usize = 10_000;
@@ -30,6 +31,8 @@ const FINISHED_KEPT_MS: u64 = 24 * 3600 * 1000;
 pub enum DeputyState {
     Starting,
     Running,
+    /// Saved and stopped, waiting for `krg restart`.
+    Checkpointed,
     Lost,
     Exited(ExitStatus),
 }
@@ -45,6 +48,10 @@ pub struct Deputy {
     pub node: Mutex<NodeId>,
     state: watch::Sender<DeputyState>,
     finished_ms: Mutex<Option<u64>>,
+    /// Where a restart brought the body back.
+    relocated: watch::Sender<Option<NodeId>>,
+    /// A `krg run` relays for it now (a restart reattaches there).
+    pub attached: std::sync::atomic::AtomicBool,
 }
 
 impl Deputy {
@@ -57,6 +64,19 @@ impl Deputy {
             *self.finished_ms.lock().unwrap_or_else(|p| p.into_inner()) = Some(now_ms());
         }
         self.state.send_replace(s);
+    }
+
+    /// A restart brought the body back on `node`.
+    pub fn relocate(&self, node: NodeId) {
+        self.relocated.send_replace(Some(node));
+    }
+
+    /// Waits for a restart; `None` if the record goes away.
+    pub async fn wait_relocation(&self) -> Option<NodeId> {
+        let mut rx = self.relocated.subscribe();
+        let node = *rx.wait_for(Option::is_some).await.ok()?;
+        self.relocated.send_replace(None);
+        node
     }
 
     pub fn exec_node(&self) -> NodeId {
@@ -77,6 +97,7 @@ impl Deputy {
     pub fn info(&self) -> JobInfo {
         let (state, exit) = match self.state() {
             DeputyState::Starting | DeputyState::Running => (JobState::Running, None),
+            DeputyState::Checkpointed => (JobState::Checkpointed, None),
             DeputyState::Lost => (JobState::Lost, None),
             DeputyState::Exited(s) => (JobState::Exited, Some(s)),
         };
@@ -172,9 +193,9 @@ pub async fn run(
             }
             if req.detach {
                 drop(conn);
-                tokio::spawn(keep_detached(deputy, link));
+                tokio::spawn(keep_detached(node.clone(), deputy, link));
             } else {
-                relay(conn, deputy, link).await;
+                relay(node.clone(), conn, deputy, link).await;
             }
         }
     }
@@ -251,6 +272,8 @@ async fn start(
         node: Mutex::new(target),
         state,
         finished_ms: Mutex::new(None),
+        relocated: watch::channel(None).0,
+        attached: std::sync::atomic::AtomicBool::new(!req.detach),
     });
     place::record(node, target);
     if req.node.is_none() {
@@ -297,15 +320,15 @@ async fn start(
 }
 
 /// Relays between the user's `krg run` and the body until the job ends.
-/// Two directions, two tasks: a slow terminal never holds back a signal.
-async fn relay(conn: FrameConn<UnixStream>, deputy: Arc<Deputy>, link: BodyLink) {
-    let BodyLink { tx, mut rx } = link;
+/// Frames from the user are read by their own task, so a slow terminal
+/// never holds back a signal; moves are handled by the [`DeputyLink`].
+async fn relay(node: Arc<Node>, conn: FrameConn<UnixStream>, deputy: Arc<Deputy>, link: BodyLink) {
     let (mut sink, mut stream) = conn.into_inner().split();
-    let up_tx = tx.clone();
+    let (up_tx, mut up_rx) = mpsc::channel::<ToBody>(64);
     let up = tokio::spawn(async move {
         while let Some(Ok(frame)) = stream.next().await {
             match crate::wire::decode::<ToBody>(&frame) {
-                Ok(ToBody::Launch(_)) | Err(_) => break,
+                Ok(ToBody::Launch(_) | ToBody::Reattach(_) | ToBody::Hold) | Err(_) => break,
                 Ok(msg) => {
                     if up_tx.send(msg).await.is_err() {
                         return;
@@ -313,41 +336,105 @@ async fn relay(conn: FrameConn<UnixStream>, deputy: Arc<Deputy>, link: BodyLink)
                 }
             }
         }
-        // The user's `krg run` is gone: hang the job up, as sshd does.
-        let _ = up_tx.send(ToBody::Hangup).await;
     });
+    let mut dl = DeputyLink::new(node, deputy.clone(), link);
     let mut client_alive = true;
-    while let Some(msg) = rx.recv().await {
-        let end = match &msg {
-            FromBody::Exited(s) => Some(DeputyState::Exited(*s)),
-            FromBody::Lost { node } => {
-                tracing::warn!(gpid = %deputy.gpid, node = %node, "job lost with its node");
-                Some(DeputyState::Lost)
+    loop {
+        tokio::select! {
+            m = up_rx.recv(), if client_alive => match m {
+                Some(frame) => dl.send(frame).await,
+                None => {
+                    client_alive = false;
+                    if deputy.state() == DeputyState::Checkpointed {
+                        // Saved and stopped: a restart will run it detached.
+                        break;
+                    }
+                    // The user's `krg run` is gone: hang the job up, as sshd does.
+                    dl.send(ToBody::Hangup).await;
+                }
+            },
+            msg = dl.next() => {
+                let Some(msg) = msg else { break };
+                let end = end_state(&deputy, &msg);
+                if client_alive {
+                    match crate::wire::encode(&msg) {
+                        Ok(bytes) => client_alive = sink.send(bytes).await.is_ok(),
+                        Err(_) => client_alive = false,
+                    }
+                    if !client_alive {
+                        dl.send(ToBody::Hangup).await;
+                    }
+                }
+                if let Some(state) = end {
+                    deputy.set_state(state);
+                    break;
+                }
             }
-            _ => None,
-        };
-        if client_alive {
-            match crate::wire::encode(&msg) {
-                Ok(bytes) => client_alive = sink.send(bytes).await.is_ok(),
-                Err(_) => client_alive = false,
-            }
-        }
-        if let Some(state) = end {
-            deputy.set_state(state);
-            break;
         }
     }
+    deputy
+        .attached
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     if matches!(deputy.state(), DeputyState::Running | DeputyState::Starting) {
         deputy.set_state(DeputyState::Lost);
     }
     up.abort();
-    drop(tx);
+}
+
+/// A restart brought a job back on `target`: reattach its waiting `krg
+/// run`, or keep it detached with its output in its log.
+pub async fn relocated(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    target: NodeId,
+    uid: u32,
+    user: String,
+    command: String,
+) -> Result<(), RemoteError> {
+    if let Some(d) = node.jobs.deputy(gpid) {
+        if d.attached.load(std::sync::atomic::Ordering::SeqCst)
+            && d.state() == DeputyState::Checkpointed
+        {
+            d.relocate(target);
+            return Ok(());
+        }
+    }
+    let link = link::reattach(node, target, gpid).await?;
+    let (state, _) = watch::channel(DeputyState::Running);
+    let deputy = Arc::new(Deputy {
+        gpid,
+        uid,
+        user,
+        command,
+        started_ms: now_ms(),
+        detached: true,
+        log: Some(node.log_path(gpid)),
+        node: Mutex::new(target),
+        state,
+        finished_ms: Mutex::new(None),
+        relocated: watch::channel(None).0,
+        attached: std::sync::atomic::AtomicBool::new(false),
+    });
+    node.jobs.deputy_insert(deputy.clone());
+    tokio::spawn(keep_detached(node.clone(), deputy, link));
+    Ok(())
+}
+
+fn end_state(deputy: &Deputy, msg: &FromBody) -> Option<DeputyState> {
+    match msg {
+        FromBody::Exited(s) => Some(DeputyState::Exited(*s)),
+        FromBody::Lost { node } => {
+            tracing::warn!(gpid = %deputy.gpid, node = %node, "job lost with its node");
+            Some(DeputyState::Lost)
+        }
+        _ => None,
+    }
 }
 
 /// A detached job: no stdin, its output appended to its log.
-async fn keep_detached(deputy: Arc<Deputy>, link: BodyLink) {
-    let BodyLink { tx, mut rx } = link;
-    let _ = tx.send(ToBody::StdinEof).await;
+pub async fn keep_detached(node: Arc<Node>, deputy: Arc<Deputy>, link: BodyLink) {
+    let mut dl = DeputyLink::new(node, deputy.clone(), link);
+    dl.send(ToBody::StdinEof).await;
     let mut file = deputy.log.as_ref().and_then(|p| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -357,7 +444,11 @@ async fn keep_detached(deputy: Arc<Deputy>, link: BodyLink) {
             .map_err(|e| tracing::warn!(path = %p.display(), error = %e, "cannot open a job log"))
             .ok()
     });
-    while let Some(msg) = rx.recv().await {
+    while let Some(msg) = dl.next().await {
+        if let Some(state) = end_state(&deputy, &msg) {
+            deputy.set_state(state);
+            break;
+        }
         match msg {
             FromBody::Stdout(b) | FromBody::Stderr(b) => {
                 if let Some(f) = file.as_mut() {
@@ -369,15 +460,7 @@ async fn keep_detached(deputy: Arc<Deputy>, link: BodyLink) {
                     let _ = writeln!(f, "krg: {}", error.message);
                 }
             }
-            FromBody::Exited(s) => {
-                deputy.set_state(DeputyState::Exited(s));
-                break;
-            }
-            FromBody::Lost { .. } => {
-                deputy.set_state(DeputyState::Lost);
-                break;
-            }
-            FromBody::Started { .. } | FromBody::StdinAck(_) | FromBody::RunHere => {}
+            _ => {}
         }
     }
     if matches!(deputy.state(), DeputyState::Running | DeputyState::Starting) {

@@ -14,7 +14,7 @@ use crate::wire::stream::{FromBody, ToBody};
 use crate::wire::{ConnKind, ErrorCode, FrameConn, Hello, RemoteError};
 use futures::{SinkExt, StreamExt};
 use krg_types::limits::HANDSHAKE_TIMEOUT_MS;
-use krg_types::{NodeId, NodeState};
+use krg_types::{Gpid, NodeId, NodeState};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -31,6 +31,27 @@ pub async fn open(
     target: NodeId,
     spec: LaunchSpec,
 ) -> Result<BodyLink, RemoteError> {
+    connect(node, target, ToBody::Launch(Box::new(spec))).await
+}
+
+/// Home side: the link to a body that moved (or was restarted) on `target`.
+pub async fn reattach(
+    node: &Arc<Node>,
+    target: NodeId,
+    gpid: Gpid,
+) -> Result<BodyLink, RemoteError> {
+    if target == node.id {
+        return node.jobs.attach_slot_take(gpid).ok_or_else(|| {
+            RemoteError::new(
+                ErrorCode::NotFound,
+                format!("job {gpid} is not waiting on node {target}"),
+            )
+        });
+    }
+    connect(node, target, ToBody::Reattach(gpid)).await
+}
+
+async fn connect(node: &Arc<Node>, target: NodeId, first: ToBody) -> Result<BodyLink, RemoteError> {
     let addr = node
         .state
         .read(|d| d.state.nodes.get(&target).map(|n| n.addr.clone()))
@@ -69,7 +90,7 @@ pub async fn open(
             .await
             .map_err(|e| unavailable(format!("node {target}: {e}")))?;
         ok?;
-        conn.send(&ToBody::Launch(Box::new(spec)))
+        conn.send(&first)
             .await
             .map_err(|e| unavailable(format!("node {target}: {e}")))?;
         Ok(conn)
@@ -122,7 +143,12 @@ async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     tracing::warn!(node = %target, "undecodable stream frame; closing the job's link");
                     break;
                 };
-                exited = matches!(msg, FromBody::Exited(_));
+                // The link ends in order with the job's end, its move or its
+                // checkpoint; any other end means the node is lost.
+                exited = matches!(
+                    msg,
+                    FromBody::Exited(_) | FromBody::Moved { .. } | FromBody::Checkpointed { .. }
+                );
                 if from_tx.send(msg).await.is_err() {
                     break;
                 }
@@ -155,16 +181,35 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .recv_timeout(HANDSHAKE_TIMEOUT_MS)
         .await
         .map_err(|e| format!("node {from}: bad launch: {e}"))?;
-    let ToBody::Launch(spec) = first else {
-        return Err(format!("node {from} opened a stream without a launch"));
+    let (gpid, BodyLink { tx, mut rx }) = match first {
+        ToBody::Launch(spec) => {
+            let gpid = spec.gpid;
+            if gpid.home_node() != from {
+                return Err(format!(
+                    "node {from} launched job {gpid}, whose home is another node"
+                ));
+            }
+            (gpid, body::start(&node, *spec))
+        }
+        ToBody::Reattach(gpid) => match node.jobs.attach_slot_take(gpid) {
+            Some(link) => (gpid, link),
+            None => {
+                let _ = conn
+                    .send(&FromBody::Failed {
+                        error: RemoteError::new(
+                            ErrorCode::NotFound,
+                            format!("job {gpid} is not waiting on node {}", node.id),
+                        ),
+                        exit_code: 255,
+                    })
+                    .await;
+                return Err(format!(
+                    "node {from} reattached to job {gpid}, which is not here"
+                ));
+            }
+        },
+        _ => return Err(format!("node {from} opened a stream without a launch")),
     };
-    let gpid = spec.gpid;
-    if gpid.home_node() != from {
-        return Err(format!(
-            "node {from} launched job {gpid}, whose home is another node"
-        ));
-    }
-    let BodyLink { tx, mut rx } = body::start(&node, *spec);
     let (mut sink, mut stream) = conn.into_inner().split();
     let reader = tokio::spawn(async move {
         while let Some(Ok(frame)) = stream.next().await {

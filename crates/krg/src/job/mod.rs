@@ -9,15 +9,19 @@
 pub mod body;
 pub mod caps;
 pub mod cgroup;
+pub mod deputy_link;
 pub mod fdio;
 pub mod gpid;
 pub mod home;
 pub mod link;
+pub mod migrate;
 pub mod ops;
 pub mod place;
 pub mod reap;
+pub mod restore;
 pub mod spec;
 pub mod status;
+pub mod stdio;
 
 use crate::wire::stream::ExitStatus;
 use body::BodyCtl;
@@ -34,6 +38,8 @@ pub enum JobState {
     Stopped,
     /// Its execution node went down.
     Lost,
+    /// Saved and stopped; `krg restart` brings it back.
+    Checkpointed,
     Exited,
 }
 
@@ -43,6 +49,7 @@ impl JobState {
             JobState::Running => "running",
             JobState::Stopped => "stopped",
             JobState::Lost => "lost",
+            JobState::Checkpointed => "checkpointed",
             JobState::Exited => "exited",
         }
     }
@@ -70,6 +77,8 @@ pub struct JobInfo {
 pub struct JobTable {
     bodies: Mutex<HashMap<Gpid, Arc<BodyCtl>>>,
     deputies: Mutex<HashMap<Gpid, Arc<Deputy>>>,
+    /// Bodies restored here, waiting for their deputy side to reattach.
+    attach: Mutex<HashMap<Gpid, body::BodyLink>>,
 }
 
 impl JobTable {
@@ -106,6 +115,20 @@ impl JobTable {
 
     pub fn body_count(&self) -> usize {
         self.bodies.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn attach_slot_put(&self, gpid: Gpid, link: body::BodyLink) {
+        self.attach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(gpid, link);
+    }
+
+    pub fn attach_slot_take(&self, gpid: Gpid) -> Option<body::BodyLink> {
+        self.attach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&gpid)
     }
 
     pub fn deputy_insert(&self, d: Arc<Deputy>) {

@@ -363,3 +363,304 @@ pub async fn caps(
         Err(e) => Err(RemoteError::new(ErrorCode::Unavailable, e.to_string())),
     }
 }
+
+/// Answers the body's supervisor gives may take this long (a large job's
+/// dump, a lazy transfer's start).
+const BODY_CMD_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn owner_check(body: &super::body::BodyCtl, gpid: Gpid, uid: u32) -> Result<(), RemoteError> {
+    if uid != 0 && uid != body.uid {
+        return Err(denied(gpid, &body.user));
+    }
+    Ok(())
+}
+
+pub async fn migrate_local(
+    node: &Node,
+    gpid: Gpid,
+    target: NodeId,
+    mode: super::migrate::MigrateMode,
+    uid: u32,
+) -> Result<super::migrate::MigrationReport, RemoteError> {
+    let body = node.jobs.body(gpid).ok_or_else(|| not_found(gpid))?;
+    owner_check(&body, gpid, uid)?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    body.cmd
+        .send(super::migrate::BodyCmd::Migrate {
+            target,
+            mode,
+            reply,
+        })
+        .await
+        .map_err(|_| not_found(gpid))?;
+    tokio::time::timeout(BODY_CMD_TIMEOUT, rx)
+        .await
+        .map_err(|_| {
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("the migration of job {gpid} did not finish in time"),
+            )
+        })?
+        .map_err(|_| {
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("job {gpid} ended while migrating"),
+            )
+        })?
+}
+
+pub async fn checkpoint_local(
+    node: &Node,
+    gpid: Gpid,
+    after: super::migrate::CheckpointAfter,
+    uid: u32,
+) -> Result<crate::image::ImageRecord, RemoteError> {
+    let body = node.jobs.body(gpid).ok_or_else(|| not_found(gpid))?;
+    owner_check(&body, gpid, uid)?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    body.cmd
+        .send(super::migrate::BodyCmd::Checkpoint { after, reply })
+        .await
+        .map_err(|_| not_found(gpid))?;
+    tokio::time::timeout(BODY_CMD_TIMEOUT, rx)
+        .await
+        .map_err(|_| {
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("the checkpoint of job {gpid} did not finish in time"),
+            )
+        })?
+        .map_err(|_| {
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("job {gpid} ended while checkpointing"),
+            )
+        })?
+}
+
+/// Where the body runs: here, or as its home node says, or by asking all.
+async fn body_node(node: &Arc<Node>, gpid: Gpid) -> Option<NodeId> {
+    if node.jobs.body(gpid).is_some() {
+        return Some(node.id);
+    }
+    if let Some(at) = locate(node, gpid).await {
+        return Some(at);
+    }
+    list_all(node)
+        .await
+        .into_iter()
+        .find(|j| j.gpid == gpid && matches!(j.state, JobState::Running | JobState::Stopped))
+        .and_then(|j| j.node)
+}
+
+fn remote(e: crate::peer::PeerError) -> RemoteError {
+    match e {
+        crate::peer::PeerError::Remote(e) => e,
+        e => RemoteError::new(ErrorCode::Unavailable, e.to_string()),
+    }
+}
+
+pub async fn migrate(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    target: NodeId,
+    mode: super::migrate::MigrateMode,
+    uid: u32,
+) -> Result<super::migrate::MigrationReport, RemoteError> {
+    let at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+    if at == node.id {
+        return migrate_local(node, gpid, target, mode, uid).await;
+    }
+    let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
+    let req = PeerRequest::Migrate {
+        gpid,
+        target,
+        mode,
+        uid,
+    };
+    match node
+        .peers
+        .call(at, &addr, req, BODY_CMD_TIMEOUT)
+        .await
+        .map_err(remote)?
+    {
+        PeerResponse::Migrated(r) => Ok(r),
+        _ => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+    }
+}
+
+pub async fn checkpoint(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    after: super::migrate::CheckpointAfter,
+    uid: u32,
+) -> Result<crate::image::ImageRecord, RemoteError> {
+    let at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+    if at == node.id {
+        return checkpoint_local(node, gpid, after, uid).await;
+    }
+    let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
+    let req = PeerRequest::Checkpoint { gpid, after, uid };
+    match node
+        .peers
+        .call(at, &addr, req, BODY_CMD_TIMEOUT)
+        .await
+        .map_err(remote)?
+    {
+        PeerResponse::ImageSaved(r) => Ok(r),
+        _ => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+    }
+}
+
+/// Images the caller may see: all for root, their own otherwise (images
+/// hold memory contents).
+pub fn images(node: &Node, gpid: Option<Gpid>, uid: u32) -> Vec<crate::image::ImageRecord> {
+    node.state.read(|d| {
+        d.state
+            .images
+            .values()
+            .filter(|r| gpid.is_none_or(|g| g == r.gpid))
+            .filter(|r| uid == 0 || r.uid == uid)
+            .cloned()
+            .collect()
+    })
+}
+
+fn image_record(
+    node: &Node,
+    gpid: Gpid,
+    version: Option<u32>,
+    uid: u32,
+) -> Result<crate::image::ImageRecord, RemoteError> {
+    let all: Vec<crate::image::ImageRecord> = node.state.read(|d| {
+        d.state
+            .images
+            .values()
+            .filter(|r| r.gpid == gpid)
+            .cloned()
+            .collect()
+    });
+    let rec = match version {
+        Some(v) => all.into_iter().find(|r| r.version == v),
+        None => all.into_iter().max_by_key(|r| r.version),
+    };
+    let rec = rec.ok_or_else(|| {
+        RemoteError::new(
+            ErrorCode::NotFound,
+            match version {
+                Some(v) => format!("job {gpid} has no image version {v} (see krg images {gpid})"),
+                None => format!("job {gpid} has no image (see krg images)"),
+            },
+        )
+    })?;
+    if uid != 0 && uid != rec.uid {
+        return Err(denied(gpid, &rec.user));
+    }
+    Ok(rec)
+}
+
+pub async fn images_rm(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    version: Option<u32>,
+    uid: u32,
+) -> Result<(), RemoteError> {
+    let versions: Vec<crate::image::ImageRecord> = match version {
+        Some(_) => vec![image_record(node, gpid, version, uid)?],
+        None => {
+            let all = images(node, Some(gpid), 0);
+            if all.is_empty() {
+                return Err(RemoteError::new(
+                    ErrorCode::NotFound,
+                    format!("job {gpid} has no image"),
+                ));
+            }
+            for r in &all {
+                if uid != 0 && uid != r.uid {
+                    return Err(denied(gpid, &r.user));
+                }
+            }
+            all
+        }
+    };
+    for r in versions {
+        let path = std::path::PathBuf::from(&r.path);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(path)).await;
+        node.propose(crate::cluster::types::Command::RemoveImage {
+            gpid,
+            version: r.version,
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Brings a job back from an image, on the node asked or chosen.
+pub async fn restart(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    version: Option<u32>,
+    target: Option<NodeId>,
+    uid: u32,
+) -> Result<(u32, NodeId), RemoteError> {
+    let rec = image_record(node, gpid, version, uid)?;
+    if let Some(at) = body_node(node, gpid).await {
+        return Err(RemoteError::new(
+            ErrorCode::Refused,
+            format!("job {gpid} is still running on node {at}: a job runs once (krg kill it, or checkpoint it with --kill)"),
+        ));
+    }
+    let dir = std::path::PathBuf::from(&rec.path);
+    let meta = tokio::task::spawn_blocking(move || crate::image::read_meta(&dir))
+        .await
+        .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| RemoteError::new(ErrorCode::NotFound, e.to_string()))?;
+    let target = super::place::choose_among(node, target, &[])?;
+    let job = super::migrate::RestoreJob {
+        spec: meta.spec.clone(),
+        images_dir: rec.path.clone(),
+        keys: meta.keys,
+        carry: meta.carry,
+        lazy: None,
+    };
+    if target == node.id {
+        super::migrate::restore_here(node, job).await?;
+    } else {
+        let addr = addr_of(node, target).ok_or_else(|| not_found(gpid))?;
+        node.peers
+            .call(
+                target,
+                &addr,
+                PeerRequest::Restore(Box::new(job)),
+                BODY_CMD_TIMEOUT,
+            )
+            .await
+            .map_err(remote)?;
+    }
+    let home = gpid.home_node();
+    let (user, command) = (meta.spec.user.clone(), meta.spec.command_line());
+    if home == node.id {
+        super::home::relocated(node, gpid, target, meta.spec.uid, user, command).await?;
+    } else {
+        let addr = addr_of(node, home).ok_or_else(|| not_found(gpid))?;
+        let req = PeerRequest::Relocated {
+            gpid,
+            node: target,
+            uid: meta.spec.uid,
+            user,
+            command,
+        };
+        node.peers
+            .call(home, &addr, req, ASK_TIMEOUT * 5)
+            .await
+            .map_err(remote)?;
+    }
+    node.events.record(
+        "restart",
+        format!(
+            "restarted {gpid} from version {} on node {target}",
+            rec.version
+        ),
+    );
+    Ok((rec.version, target))
+}

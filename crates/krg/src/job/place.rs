@@ -72,21 +72,31 @@ pub fn samples(node: &Node) -> Vec<NodeSample> {
 }
 
 pub fn choose(node: &Node, req: &crate::job::spec::RunRequest) -> Result<NodeId, RemoteError> {
-    if let Some(n) = req.node {
+    choose_among(node, req.node, &req.nodes)
+}
+
+/// The node asked for if it is up, else the policy's pick among `allowed`
+/// (all nodes if empty).
+pub fn choose_among(
+    node: &Node,
+    pinned: Option<NodeId>,
+    allowed: &[NodeId],
+) -> Result<NodeId, RemoteError> {
+    if let Some(n) = pinned {
         is_up(node, n)?;
         return Ok(n);
     }
-    for n in &req.nodes {
+    for n in allowed {
         if node.state.read(|d| !d.state.nodes.contains_key(n)) {
             is_up(node, *n)?;
         }
     }
     let mem_min = node.state.read(|d| d.state.sched.mem_free_min_bytes);
     let all = samples(node);
-    let mut candidates = filter::candidates(&all, mem_min, &req.nodes);
+    let mut candidates = filter::candidates(&all, mem_min, allowed);
     if candidates.is_empty() {
         // Memory is short everywhere: any usable node is better than none.
-        candidates = filter::candidates(&all, 0, &req.nodes);
+        candidates = filter::candidates(&all, 0, allowed);
     }
     node.placement()
         .place(&candidates)

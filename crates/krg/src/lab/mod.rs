@@ -314,14 +314,17 @@ impl Lab {
         }
         let join = names::node_listen_addr(record.index, 1);
         // One join at a time, so that node K gets node id K: a joining krgd
-        // serves its socket only once it has joined, so its answer means its
-        // id is given. (Joins are quick; this costs little.)
+        // says it is ready only once it has joined (a few ms each).
         for (k, token) in tokens {
             self.step(&format!("starting krgd on node {k}, joining {join}"));
-            self.spawn_daemon(k, Some((join, token)))?;
+            let offset = self.spawn_daemon(k, Some((join, token)))?;
+            self.wait_ready(k, offset, deadline)?;
+        }
+        // Each node answers on its own socket (it knows a leader), and node
+        // 1 sees them all up.
+        for k in 2..=record.nodes {
             self.wait_answering(k, deadline)?;
         }
-        // Node 1 sees them all up.
         self.wait_cluster_up(1, record.nodes, deadline)
     }
 
@@ -657,6 +660,14 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_millis(record.wait_timeout_ms);
         self.step(&format!("starting krgd on node {k}"));
         let offset = self.spawn_daemon(k, None)?;
+        self.wait_ready(k, offset, deadline)?;
+        self.daemon_pid(k)
+            .ok_or_else(|| anyhow!("krg lab: node {k}'s krgd exited just after starting"))
+    }
+
+    /// Wait until node K's krgd prints [`READY_LINE`] in its log after byte
+    /// `offset`; fail early if it dies.
+    fn wait_ready(&self, k: u32, offset: u64, deadline: Instant) -> Result<()> {
         let log = self.names.log(k);
         poll(
             deadline,
@@ -671,9 +682,7 @@ impl Lab {
                     Err(e) => Check::NotYet(e.to_string()),
                 }
             },
-        )?;
-        self.daemon_pid(k)
-            .ok_or_else(|| anyhow!("krg lab: node {k}'s krgd exited just after starting"))
+        )
     }
 
     /// Start node K's `krgd` (joining `join` with its token if given) in its
@@ -722,7 +731,9 @@ impl Lab {
             command.args(["--load-scope", "cgroup"]);
         }
         if !has("--view-dir") {
-            command.arg("--view-dir").arg(self.names.node_dir(k).join("view"));
+            command
+                .arg("--view-dir")
+                .arg(self.names.node_dir(k).join("view"));
         }
         command.args(&record.krgd_args);
         let log_err = log

@@ -42,6 +42,10 @@ pub struct NodeConfig {
     /// Where the cluster view (FUSE) is mounted; `none` to serve none.
     #[arg(long, env = "KRG_VIEW_DIR", default_value = DEFAULT_VIEW_DIR)]
     pub view_dir: PathBuf,
+    /// Where checkpoints and migration images go: a file system every node
+    /// shares, at the same path (NFS, CephFS, ...).
+    #[arg(long, env = "KRG_IMAGE_STORE", default_value = "/var/lib/krg/images")]
+    pub image_store: PathBuf,
     /// Where `/metrics` (Prometheus) is served; `none` for nowhere.
     #[arg(long, default_value = "127.0.0.1:9470")]
     pub metrics: String,

@@ -59,6 +59,10 @@ pub struct Node {
     pub placements: Mutex<VecDeque<(NodeId, Instant)>>,
     /// The cluster view's cache, shared with its FUSE threads.
     pub view_cache: Arc<crate::view::ViewCache>,
+    /// A weak handle on ourselves, set once at start.
+    pub me: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// CRIU, for checkpoints and migrations.
+    pub criu: crate::criu::CriuRpc,
     /// Prometheus counters and histograms.
     pub metrics: crate::metrics::Metrics,
     /// Recent automatic decisions, with their reasons.
@@ -88,6 +92,11 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> RemoteError {
 }
 
 impl Node {
+    /// An owning handle on this node (for work that outlives a request).
+    pub fn myself(&self) -> Option<Arc<Node>> {
+        self.me.get().and_then(std::sync::Weak::upgrade)
+    }
+
     pub fn view(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -234,6 +243,37 @@ impl Node {
             PeerRequest::Caps { gpid, uid, changes } => {
                 crate::job::ops::caps_local(self, gpid, uid, &changes).map(PeerResponse::Caps)
             }
+            PeerRequest::Migrate {
+                gpid,
+                target,
+                mode,
+                uid,
+            } => crate::job::ops::migrate_local(self, gpid, target, mode, uid)
+                .await
+                .map(PeerResponse::Migrated),
+            PeerRequest::Checkpoint { gpid, after, uid } => {
+                crate::job::ops::checkpoint_local(self, gpid, after, uid)
+                    .await
+                    .map(PeerResponse::ImageSaved)
+            }
+            PeerRequest::Restore(job) => match self.myself() {
+                Some(me) => crate::job::migrate::restore_here(&me, *job)
+                    .await
+                    .map(PeerResponse::Restored),
+                None => Err(err(ErrorCode::Unavailable, "this node is shutting down")),
+            },
+            PeerRequest::Relocated {
+                gpid,
+                node,
+                uid,
+                user,
+                command,
+            } => match self.myself() {
+                Some(me) => crate::job::home::relocated(&me, gpid, node, uid, user, command)
+                    .await
+                    .map(|()| PeerResponse::Done),
+                None => Err(err(ErrorCode::Unavailable, "this node is shutting down")),
+            },
             PeerRequest::ProcTexts => Ok(PeerResponse::ProcTexts(Box::new(
                 tokio::task::spawn_blocking(crate::view::render::ProcTexts::read_local)
                     .await

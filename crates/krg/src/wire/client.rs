@@ -43,6 +43,27 @@ pub enum ClientRequest {
         gpid: Option<Gpid>,
         changes: Vec<crate::job::caps::CapChange>,
     },
+    /// `krg migrate`
+    Migrate {
+        gpid: Gpid,
+        node: NodeId,
+        mode: crate::job::migrate::MigrateMode,
+    },
+    /// `krg checkpoint`
+    Checkpoint {
+        gpid: Gpid,
+        after: crate::job::migrate::CheckpointAfter,
+    },
+    /// `krg restart GPID[@vN] [--node N]`
+    Restart {
+        gpid: Gpid,
+        version: Option<u32>,
+        node: Option<NodeId>,
+    },
+    /// `krg images [GPID]`
+    Images { gpid: Option<Gpid> },
+    /// `krg images rm GPID[@vN]`
+    ImagesRm { gpid: Gpid, version: Option<u32> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,6 +85,15 @@ pub enum ClientResponse {
         gpid: Gpid,
         caps: crate::job::caps::Caps,
     },
+    Migrated(crate::job::migrate::MigrationReport),
+    ImageSaved(crate::image::ImageRecord),
+    Restarted {
+        gpid: Gpid,
+        version: u32,
+        node: NodeId,
+    },
+    Images(Vec<crate::image::ImageRecord>),
+    Done,
 }
 
 pub type ClientResult = Result<ClientResponse, RemoteError>;

@@ -72,6 +72,29 @@ pub enum PeerRequest {
         uid: u32,
         changes: Vec<crate::job::caps::CapChange>,
     },
+    /// Move a body running there (asked of its execution node).
+    Migrate {
+        gpid: Gpid,
+        target: NodeId,
+        mode: crate::job::migrate::MigrateMode,
+        uid: u32,
+    },
+    /// Save a body running there.
+    Checkpoint {
+        gpid: Gpid,
+        after: crate::job::migrate::CheckpointAfter,
+        uid: u32,
+    },
+    /// Bring a job back here from images (a move's target, or a restart).
+    Restore(Box<crate::job::migrate::RestoreJob>),
+    /// Asked of a job's home node: its body was restarted on `node`.
+    Relocated {
+        gpid: Gpid,
+        node: NodeId,
+        uid: u32,
+        user: String,
+        command: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,6 +111,9 @@ pub enum PeerResponse {
     Events(Vec<crate::events::Event>),
     ProcTexts(Box<crate::view::render::ProcTexts>),
     Caps(crate::job::caps::Caps),
+    Migrated(crate::job::migrate::MigrationReport),
+    ImageSaved(crate::image::ImageRecord),
+    Restored(crate::job::migrate::RestoreReply),
 }
 
 /// What a long poll on a job's end found.

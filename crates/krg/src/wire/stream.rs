@@ -28,6 +28,11 @@ pub enum ToBody {
     },
     /// The deputy went away: hang the job up, as sshd does.
     Hangup,
+    /// The deputy side holds back further frames: the body may move.
+    Hold,
+    /// First frame of a stream connection to a body that moved or was
+    /// restarted here: attach to it.
+    Reattach(Gpid),
 }
 
 /// From the body.
@@ -57,6 +62,19 @@ pub enum FromBody {
     /// Distant exec: the scheduler keeps the program on this node; the
     /// client runs it in place.
     RunHere,
+    /// The body is about to be frozen: hold back frames (answer `Hold`).
+    Moving,
+    /// The body runs on this node now: reattach there.
+    Moved {
+        node: NodeId,
+    },
+    /// The move did not happen: the body goes on here; send again.
+    Resumed,
+    /// The body was saved as this image version and stopped running; it
+    /// may be restarted (`krg restart`), and the deputy may wait for it.
+    Checkpointed {
+        version: u32,
+    },
 }
 
 /// How a job ended.

@@ -1,0 +1,205 @@
+//! Images: checkpoints of jobs, stored as `<store>/<HOME>-<SEQ>/v<N>/`
+//! (CRIU's files plus `krg.meta`), on a file system the nodes share.
+//!
+//! `krg.meta` layout (see docs/image-format.md):
+//!
+//! ```text
+//! "KRGIMAGE"  8 bytes   magic
+//! version     u32 LE    format version of this file (1)
+//! length      u32 LE    bytes of payload, at most META_BYTES_MAX
+//! payload               postcard of ImageMeta
+//! sha256      32 bytes  of the payload
+//! ```
+//!
+//! Written to a temporary file, fsynced, then renamed. Directories are 0700
+//! and belong to the job's owner: images hold memory contents.
+
+use crate::job::spec::LaunchSpec;
+use crate::job::stdio::{StdinCarry, StreamKeys};
+use krg_types::{Gpid, NodeId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"KRGIMAGE";
+pub const META_FORMAT_VERSION: u32 = 1;
+/// A meta file is a few KiB (the job's environment included).
+pub const META_BYTES_MAX: usize = 4 << 20;
+pub const META_FILE: &str = "krg.meta";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a krg image ({reason})")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is from image format {found}; this krg reads format {META_FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// What krg keeps with CRIU's files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageMeta {
+    pub gpid: Gpid,
+    pub version: u32,
+    /// The node it was taken on.
+    pub node: NodeId,
+    pub created_ms: u64,
+    /// What the job was started with (user, command, cwd, environment,
+    /// capabilities at the time).
+    pub spec: LaunchSpec,
+    pub keys: StreamKeys,
+    /// Stdin the job had not read yet.
+    pub carry: StdinCarry,
+    /// Bytes of CRIU's files.
+    pub bytes: u64,
+}
+
+/// The replicated catalogue entry of an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub gpid: Gpid,
+    pub version: u32,
+    pub node: NodeId,
+    pub uid: u32,
+    pub user: String,
+    pub command: String,
+    pub created_ms: u64,
+    pub bytes: u64,
+    pub path: String,
+}
+
+pub fn job_dir(store: &Path, gpid: Gpid) -> PathBuf {
+    store.join(format!("{}-{}", gpid.home_node(), gpid.seq()))
+}
+
+pub fn version_dir(store: &Path, gpid: Gpid, version: u32) -> PathBuf {
+    job_dir(store, gpid).join(format!("v{version}"))
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Versions present for a job, ascending.
+pub fn versions(store: &Path, gpid: Gpid) -> Vec<u32> {
+    let mut v: Vec<u32> = fs::read_dir(job_dir(store, gpid))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// Creates `<store>/<job>/v<N>` for the next version, 0700, owned by `uid`.
+pub fn create_version_dir(
+    store: &Path,
+    gpid: Gpid,
+    uid: u32,
+    gid: u32,
+) -> Result<(u32, PathBuf), ImageError> {
+    let job = job_dir(store, gpid);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&job)
+        .map_err(io("cannot create the image directory", &job))?;
+    let _ = nix::unistd::chown(&job, Some(uid.into()), Some(gid.into()));
+    // Another checkpoint of the same job may race: take the first free N.
+    let mut n = versions(store, gpid).last().copied().unwrap_or(0) + 1;
+    loop {
+        let dir = version_dir(store, gpid, n);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                let _ = nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into()));
+                return Ok((n, dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => return Err(io("cannot create the image directory", &dir)(e)),
+        }
+    }
+}
+
+/// Bytes of the files in a directory (not recursive: CRIU's images are flat).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<(), ImageError> {
+    let payload = postcard::to_stdvec(meta).map_err(|e| ImageError::Corrupt {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut bytes = Vec::with_capacity(payload.len() + 48);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&META_FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&Sha256::digest(&payload));
+    let tmp = dir.join(format!(".{META_FILE}.tmp"));
+    let path = dir.join(META_FILE);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("cannot write", &tmp))?;
+    f.write_all(&bytes).map_err(io("cannot write", &tmp))?;
+    f.sync_all().map_err(io("cannot write", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io("cannot write", &path))
+}
+
+pub fn read_meta(dir: &Path) -> Result<ImageMeta, ImageError> {
+    let path = dir.join(META_FILE);
+    let corrupt = |reason: &str| ImageError::Corrupt {
+        path: path.clone(),
+        reason: reason.to_string(),
+    };
+    let len = fs::metadata(&path).map_err(io("cannot read", &path))?.len();
+    if len as usize > META_BYTES_MAX + 48 {
+        return Err(corrupt("too large"));
+    }
+    let bytes = fs::read(&path).map_err(io("cannot read", &path))?;
+    if bytes.len() < 48 || &bytes[..8] != MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != META_FORMAT_VERSION {
+        return Err(ImageError::Version {
+            path,
+            found: version,
+        });
+    }
+    let n = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    if n > META_BYTES_MAX || bytes.len() != 16 + n + 32 {
+        return Err(corrupt("bad length"));
+    }
+    let payload = &bytes[16..16 + n];
+    if Sha256::digest(payload).as_slice() != &bytes[16 + n..] {
+        return Err(corrupt("checksum mismatch"));
+    }
+    postcard::from_bytes(payload).map_err(|e| corrupt(&e.to_string()))
+}

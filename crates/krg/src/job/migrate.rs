@@ -1,0 +1,715 @@
+//! Moving and saving a running job with CRIU, without its streams noticing.
+//!
+//! On the source node the body's supervisor serves [`BodyCmd`]s:
+//!
+//! 1. refuse before anything is frozen if the job cannot move (a TCP
+//!    connection, a device, its capabilities);
+//! 2. tell the deputy side `Moving`; it answers `Hold` and holds back every
+//!    later frame (stdin, signals), so nothing is in flight;
+//! 3. freeze the job's cgroup, send up everything it wrote, take back the
+//!    stdin it has not read (from the queue and from the pipe);
+//! 4. dump it with CRIU (plain, or post-copy with a page server);
+//! 5. ask the target to restore it ([`restore_here`]): new pipes under the
+//!    old keys, the carried stdin first, the target's cluster view;
+//! 6. tell the deputy side `Moved`; it reattaches to the target and sends
+//!    what it held. If the target fails, the job is restored here from the
+//!    same images and the deputy side is told `Resumed`: never lost, never
+//!    running twice.
+
+use super::body::BodyCtl;
+pub use super::restore::restore_here;
+use super::spec::LaunchSpec;
+use super::stdio::{Pumps, StatusReader, StdinCarry, StreamKeys};
+use crate::criu::{AfterDump, Criu, DumpRequest, MemoryTransfer};
+use crate::image::{self, ImageMeta, ImageRecord};
+use crate::node::{now_ms, Node};
+use crate::wire::peer::{PeerRequest, PeerResponse};
+use crate::wire::stream::FromBody;
+use crate::wire::{ErrorCode, RemoteError};
+use krg_types::{Gpid, NodeId, NodeState};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long the deputy side has to answer `Moving` with `Hold`.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a target may take to restore.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the page server waits for the target to start pulling.
+const LAZY_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrateMode {
+    /// Freeze, dump everything, copy, restore.
+    Stop,
+    /// Post-copy: restore at once, pages follow on demand and in the background.
+    Lazy,
+    /// Iterative pre-copy (needs soft-dirty memory tracking).
+    Precopy,
+    /// The fastest this node can do: lazy where userfaultfd works, else stop.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointAfter {
+    LeaveRunning,
+    Stop,
+    Kill,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub gpid: Gpid,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub mode: MigrateMode,
+    pub freeze_ms: u64,
+    pub bytes: u64,
+    pub total_ms: u64,
+}
+
+pub enum BodyCmd {
+    Migrate {
+        target: NodeId,
+        mode: MigrateMode,
+        reply: oneshot::Sender<Result<MigrationReport, RemoteError>>,
+    },
+    Checkpoint {
+        after: CheckpointAfter,
+        reply: oneshot::Sender<Result<ImageRecord, RemoteError>>,
+    },
+}
+
+/// What becomes of the body on this node after a command.
+pub enum After {
+    Stay,
+    /// Moved away, or saved and killed.
+    Gone,
+    /// Restored here again as a new body, which owns the gpid's cgroup now.
+    Replaced,
+}
+
+/// What a target needs to bring a job back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreJob {
+    pub spec: LaunchSpec,
+    pub images_dir: String,
+    pub keys: StreamKeys,
+    pub carry: StdinCarry,
+    /// Post-copy: the source's page server.
+    pub lazy: Option<(String, u16)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreReply {
+    pub pid: i32,
+    pub restore_ms: u64,
+}
+
+fn refused(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorCode::Refused, msg)
+}
+
+fn internal(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorCode::Internal, msg)
+}
+
+pub async fn serve(
+    node: &Arc<Node>,
+    ctl: &Arc<BodyCtl>,
+    pumps: &mut Pumps,
+    status: &mut StatusReader,
+    tx: &mpsc::Sender<FromBody>,
+    cmd: BodyCmd,
+) -> After {
+    match cmd {
+        BodyCmd::Migrate {
+            target,
+            mode,
+            reply,
+        } => {
+            let (result, after) = migrate(node, ctl, pumps, status, tx, target, mode).await;
+            let _ = reply.send(result);
+            after
+        }
+        BodyCmd::Checkpoint { after, reply } => {
+            let (result, then) = checkpoint(node, ctl, pumps, status, tx, after).await;
+            let _ = reply.send(result);
+            then
+        }
+    }
+}
+
+/// Why this job cannot move or be saved, found before anything is frozen.
+pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
+    let gpid = ctl.gpid;
+    let tcp = tcp_sockets();
+    for pid in ctl.cgroup.pids() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                if let Some(peer) = tcp.iter().find(|(i, _)| i == ino).map(|(_, p)| p) {
+                    return Some(format!(
+                        "cannot migrate job {gpid}: it holds a TCP connection to {peer}"
+                    ));
+                }
+            } else if t.starts_with("/dev/") && !allowed_device(&t) {
+                return Some(format!(
+                    "cannot migrate job {gpid}: it holds the device {t}"
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn allowed_device(path: &str) -> bool {
+    matches!(
+        path,
+        "/dev/null"
+            | "/dev/zero"
+            | "/dev/full"
+            | "/dev/random"
+            | "/dev/urandom"
+            | "/dev/tty"
+            | "/dev/ptmx"
+    ) || path.starts_with("/dev/pts/")
+        || path.starts_with("/dev/shm/")
+}
+
+/// TCP sockets of this network namespace (`(inode, remote address)`),
+/// listening ones included.
+fn tcp_sockets() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 {
+                let state = f[3];
+                let remote = if state == "0A" {
+                    format!("{} (listening)", decode_addr(f[1]))
+                } else {
+                    decode_addr(f[2])
+                };
+                out.push((f[9].to_string(), remote));
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` -> `127.0.0.1:8080` (IPv4; IPv6 shown as found).
+fn decode_addr(hex: &str) -> String {
+    let Some((ip, port)) = hex.split_once(':') else {
+        return hex.to_string();
+    };
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    if ip.len() == 8 {
+        if let Ok(v) = u32::from_str_radix(ip, 16) {
+            let b = v.to_le_bytes();
+            return format!("{}.{}.{}.{}:{port}", b[0], b[1], b[2], b[3]);
+        }
+    }
+    format!("[{ip}]:{port}")
+}
+
+/// Freezes the job and takes its streams back: what it wrote is sent up,
+/// what it has not read is returned.
+async fn freeze_and_take(ctl: &BodyCtl, pumps: &mut Pumps) -> Result<Taken, RemoteError> {
+    ctl.frozen.store(true, Ordering::SeqCst);
+    ctl.cgroup
+        .set_frozen(true)
+        .map_err(|e| internal(format!("cannot freeze job {}: {e}", ctl.gpid)))?;
+    let (stdout, stderr) = pumps.stop_output().await;
+    let (stdin, carry) = pumps.take_stdin().await;
+    Ok(Taken {
+        stdout,
+        stderr,
+        stdin,
+        carry,
+    })
+}
+
+struct Taken {
+    stdout: Option<super::fdio::Fd>,
+    stderr: Option<super::fdio::Fd>,
+    stdin: Option<super::fdio::Fd>,
+    carry: StdinCarry,
+}
+
+impl Taken {
+    /// The job goes on here with its own streams (a failed move, or a
+    /// checkpoint that leaves it running).
+    fn give_back(self, ctl: &BodyCtl, pumps: &mut Pumps, tx: &mpsc::Sender<FromBody>) {
+        let _ = ctl.cgroup.set_frozen(false);
+        ctl.frozen.store(false, Ordering::SeqCst);
+        if let Some(out) = self.stdout {
+            pumps.resume(out, self.stderr, self.stdin, tx);
+        }
+        pumps.push_carry(self.carry);
+    }
+}
+
+fn dump_request(node: &Node, ctl: &BodyCtl, keys: &StreamKeys, dir: PathBuf) -> DumpRequest {
+    let mut req = DumpRequest::new(ctl.init_pid.load(Ordering::SeqCst), dir);
+    req.gpid = Some(ctl.gpid);
+    req.streams = keys.all();
+    req.freeze_cgroup = ctl
+        .cgroup
+        .dirs
+        .iter()
+        .find(|d| d.join("freezer.state").exists())
+        .cloned();
+    let _ = node;
+    req
+}
+
+async fn hold_deputy(pumps: &Pumps, tx: &mpsc::Sender<FromBody>) -> Result<(), RemoteError> {
+    let hold = pumps.hold.clone();
+    let _ = tx.send(FromBody::Moving).await;
+    tokio::time::timeout(HOLD_TIMEOUT, hold.notified())
+        .await
+        .map_err(|_| internal("the job's deputy did not answer in time"))
+}
+
+fn resolve_mode(mode: MigrateMode) -> Result<MigrateMode, RemoteError> {
+    let f = crate::features::get();
+    match mode {
+        MigrateMode::Auto if f.lazy_pages.ok => Ok(MigrateMode::Lazy),
+        MigrateMode::Auto => Ok(MigrateMode::Stop),
+        MigrateMode::Precopy if !f.soft_dirty.ok => Err(refused(format!(
+            "pre-copy migration is not possible on this node: {}",
+            f.soft_dirty.reason.clone().unwrap_or_default()
+        ))),
+        MigrateMode::Lazy if !f.lazy_pages.ok => Err(refused(format!(
+            "lazy migration is not possible on this node: {}",
+            f.lazy_pages.reason.clone().unwrap_or_default()
+        ))),
+        // With soft-dirty tracking, pre-copy would iterate pre-dumps first;
+        // the final step is a plain dump.
+        MigrateMode::Precopy => Ok(MigrateMode::Stop),
+        m => Ok(m),
+    }
+}
+
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .ok()?
+        .local_addr()
+        .ok()
+        .map(|a| a.port())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn migrate(
+    node: &Arc<Node>,
+    ctl: &Arc<BodyCtl>,
+    pumps: &mut Pumps,
+    status: &mut StatusReader,
+    tx: &mpsc::Sender<FromBody>,
+    target: NodeId,
+    mode: MigrateMode,
+) -> (Result<MigrationReport, RemoteError>, After) {
+    let started = Instant::now();
+    let gpid = ctl.gpid;
+    let checks = async {
+        if target == node.id {
+            return Err(refused(format!("job {gpid} already runs on node {target}")));
+        }
+        let rec = node.state.read(|d| d.state.nodes.get(&target).cloned());
+        let rec = rec.ok_or_else(|| {
+            RemoteError::new(ErrorCode::NotFound, format!("there is no node {target}"))
+        })?;
+        if node.shown_state(&rec) != NodeState::Up {
+            return Err(RemoteError::new(
+                ErrorCode::Unavailable,
+                format!("node {target} is {}", node.shown_state(&rec)),
+            ));
+        }
+        if !ctl.caps().has(super::caps::Cap::CanMigrate) {
+            return Err(refused(format!(
+                "cannot migrate job {gpid}: its CAN_MIGRATE capability is off"
+            )));
+        }
+        if let Some(why) = obstacle(ctl) {
+            return Err(refused(why));
+        }
+        Ok((rec.addr, resolve_mode(mode)?))
+    };
+    let (target_addr, mode) = match checks.await {
+        Ok(v) => v,
+        Err(e) => return (Err(e), After::Stay),
+    };
+    if let Err(e) = hold_deputy(pumps, tx).await {
+        let _ = tx.send(FromBody::Resumed).await;
+        return (Err(e), After::Stay);
+    }
+    let taken = match freeze_and_take(ctl, pumps).await {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = tx.send(FromBody::Resumed).await;
+            return (Err(e), After::Stay);
+        }
+    };
+    let frozen_at = Instant::now();
+    let store = node.config.image_store.clone();
+    let dir = image::job_dir(&store, gpid).join(format!("migrate-{}", now_ms()));
+    let keys = pumps_keys(ctl);
+    let mut req = dump_request(node, ctl, &keys, dir.clone());
+    let port = if mode == MigrateMode::Lazy {
+        free_port()
+    } else {
+        None
+    };
+    let (notice_tx, notice_rx) = std::sync::mpsc::channel();
+    if let Some(p) = port {
+        req.memory = MemoryTransfer::Lazy { port: p };
+        req.notices = Some(notice_tx);
+    }
+    req.after = AfterDump::Kill;
+    let rss = ctl.cgroup.rss_bytes();
+    let criu = node.criu.clone();
+    let mut dump = Some(tokio::task::spawn_blocking(move || criu.dump(&req)));
+    if port.is_some() {
+        // The target may start once the page server is up.
+        let ready = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + LAZY_READY_TIMEOUT;
+            while let Ok(n) =
+                notice_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                if n.script == "status-ready" {
+                    return true;
+                }
+            }
+            false
+        });
+        if !ready.await.unwrap_or(false) {
+            let err = match dump.take() {
+                Some(d) => match d.await {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the page server did not start".into(),
+                },
+                None => "the page server did not start".into(),
+            };
+            return fail_here(node, ctl, pumps, status, tx, taken, &dir, &keys, None, err).await;
+        }
+    } else if let Some(d) = dump.take() {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                // CRIU failed before killing the job: it goes on here.
+                node.metrics
+                    .failures
+                    .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
+                    .inc();
+                taken.give_back(ctl, pumps, tx);
+                let _ = tx.send(FromBody::Resumed).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                return (
+                    Err(internal(format!("cannot migrate job {gpid}: {e}"))),
+                    After::Stay,
+                );
+            }
+            Err(e) => {
+                taken.give_back(ctl, pumps, tx);
+                let _ = tx.send(FromBody::Resumed).await;
+                return (
+                    Err(internal(format!("cannot migrate job {gpid}: {e}"))),
+                    After::Stay,
+                );
+            }
+        }
+    }
+    let job = RestoreJob {
+        spec: spec_now(ctl),
+        images_dir: dir.to_string_lossy().into_owned(),
+        keys,
+        carry: taken.carry.clone(),
+        lazy: port.map(|p| (ip_of(&node.addr), p)),
+    };
+    let asked = node
+        .peers
+        .call(
+            target,
+            &target_addr,
+            PeerRequest::Restore(Box::new(job)),
+            RESTORE_TIMEOUT,
+        )
+        .await;
+    match asked {
+        Ok(PeerResponse::Restored(_)) => {
+            let freeze_ms = frozen_at.elapsed().as_millis() as u64;
+            let bytes = image::dir_bytes(&dir) + if port.is_some() { rss } else { 0 };
+            let _ = tx.send(FromBody::Moved { node: target }).await;
+            let report = MigrationReport {
+                gpid,
+                source: node.id,
+                target,
+                mode,
+                freeze_ms,
+                bytes,
+                total_ms: started.elapsed().as_millis() as u64,
+            };
+            record(node, &report);
+            // A lazy dump returns once the target has every page; then, or
+            // at once after a plain dump, the images are no longer needed.
+            tokio::spawn(async move {
+                if let Some(d) = dump {
+                    let _ = d.await;
+                }
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            });
+            (Ok(report), After::Gone)
+        }
+        other => {
+            let why = match other {
+                Err(e) => e.to_string(),
+                Ok(_) => "unexpected answer".into(),
+            };
+            let lazy = port.map(|p| (("127.0.0.1".to_string(), p), dump.take()));
+            fail_here(
+                node,
+                ctl,
+                pumps,
+                status,
+                tx,
+                taken,
+                &dir,
+                &pumps_keys(ctl),
+                lazy,
+                why,
+            )
+            .await
+        }
+    }
+}
+
+/// A dump running on a blocking thread (a lazy one lasts until every page
+/// has been pulled).
+type DumpTask = tokio::task::JoinHandle<Result<crate::criu::DumpOutcome, crate::criu::CriuError>>;
+
+/// The target failed after the dump: bring the job back here from the same
+/// images (and, after a lazy dump, from our own page server).
+#[allow(clippy::too_many_arguments)]
+async fn fail_here(
+    node: &Arc<Node>,
+    ctl: &Arc<BodyCtl>,
+    _pumps: &mut Pumps,
+    status: &mut StatusReader,
+    tx: &mpsc::Sender<FromBody>,
+    taken: Taken,
+    dir: &std::path::Path,
+    keys: &StreamKeys,
+    lazy: Option<((String, u16), Option<DumpTask>)>,
+    why: String,
+) -> (Result<MigrationReport, RemoteError>, After) {
+    let gpid = ctl.gpid;
+    node.metrics
+        .failures
+        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
+        .inc();
+    tracing::warn!(gpid = %gpid, reason = %why, "migration failed after the dump; restoring here");
+    let job = RestoreJob {
+        spec: spec_now(ctl),
+        images_dir: dir.to_string_lossy().into_owned(),
+        keys: *keys,
+        carry: taken.carry.clone(),
+        lazy: lazy.as_ref().map(|(l, _)| l.clone()),
+    };
+    node.jobs.bodies_remove(gpid);
+    // A task of its own: the restored body's supervisor is this very kind
+    // of future, and a future cannot contain itself.
+    match restore_here(node, job).await {
+        Ok(_) => {
+            // The restored body is a new body here, waiting for its deputy.
+            let _ = tx.send(FromBody::Moved { node: node.id }).await;
+            if let Some((_, Some(d))) = lazy {
+                let _ = d.await;
+            }
+            (
+                Err(internal(format!(
+                    "cannot migrate job {gpid}: {why}; the job goes on on node {}",
+                    node.id
+                ))),
+                After::Replaced,
+            )
+        }
+        Err(e) => {
+            let _ = status;
+            tracing::error!(gpid = %gpid, error = %e.message, "the job could not be restored anywhere");
+            let _ = tx
+                .send(FromBody::Failed {
+                    error: internal(format!(
+                        "job {gpid} was lost while migrating: {}",
+                        e.message
+                    )),
+                    exit_code: 255,
+                })
+                .await;
+            (
+                Err(internal(format!(
+                    "job {gpid} was lost: {why}; {}",
+                    e.message
+                ))),
+                After::Stay,
+            )
+        }
+    }
+}
+
+fn ip_of(addr: &str) -> String {
+    addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_string()
+}
+
+/// The spec with the capabilities in force now.
+fn spec_now(ctl: &BodyCtl) -> LaunchSpec {
+    let mut s = ctl.spec.clone();
+    s.caps = ctl.caps();
+    s
+}
+
+fn pumps_keys(ctl: &BodyCtl) -> StreamKeys {
+    *ctl.keys.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn record(node: &Node, r: &MigrationReport) {
+    let m = &node.metrics;
+    m.migrations
+        .get_or_create(&crate::metrics::Metrics::label(&[
+            ("direction", "out"),
+            ("outcome", "ok"),
+        ]))
+        .inc();
+    m.migration_freeze_seconds
+        .observe(r.freeze_ms as f64 / 1000.0);
+    m.migration_bytes.observe(r.bytes as f64);
+}
+
+/// Saves the job as the next image version.
+async fn checkpoint(
+    node: &Arc<Node>,
+    ctl: &Arc<BodyCtl>,
+    pumps: &mut Pumps,
+    status: &mut StatusReader,
+    tx: &mpsc::Sender<FromBody>,
+    after: CheckpointAfter,
+) -> (Result<ImageRecord, RemoteError>, After) {
+    let _ = status;
+    let gpid = ctl.gpid;
+    if !ctl.caps().has(super::caps::Cap::Checkpointable) {
+        return (
+            Err(refused(format!(
+                "cannot checkpoint job {gpid}: its CHECKPOINTABLE capability is off"
+            ))),
+            After::Stay,
+        );
+    }
+    if let Some(why) = obstacle(ctl) {
+        return (
+            Err(refused(why.replace("migrate", "checkpoint"))),
+            After::Stay,
+        );
+    }
+    let kill = after == CheckpointAfter::Kill;
+    if kill {
+        if let Err(e) = hold_deputy(pumps, tx).await {
+            let _ = tx.send(FromBody::Resumed).await;
+            return (Err(e), After::Stay);
+        }
+    }
+    let taken = match freeze_and_take(ctl, pumps).await {
+        Ok(t) => t,
+        Err(e) => return (Err(e), After::Stay),
+    };
+    let store = node.config.image_store.clone();
+    let (version, dir) = match image::create_version_dir(&store, gpid, ctl.spec.uid, ctl.spec.gid) {
+        Ok(v) => v,
+        Err(e) => {
+            taken.give_back(ctl, pumps, tx);
+            if kill {
+                let _ = tx.send(FromBody::Resumed).await;
+            }
+            return (Err(internal(e.to_string())), After::Stay);
+        }
+    };
+    let keys = pumps_keys(ctl);
+    let mut req = dump_request(node, ctl, &keys, dir.clone());
+    req.after = match after {
+        CheckpointAfter::Kill => AfterDump::Kill,
+        CheckpointAfter::Stop => AfterDump::Stop,
+        CheckpointAfter::LeaveRunning => AfterDump::Run,
+    };
+    let criu = node.criu.clone();
+    let result = tokio::task::spawn_blocking(move || criu.dump(&req)).await;
+    let dumped = match result {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = dumped {
+        let _ = std::fs::remove_dir_all(&dir);
+        taken.give_back(ctl, pumps, tx);
+        if kill {
+            let _ = tx.send(FromBody::Resumed).await;
+        }
+        return (
+            Err(internal(format!("cannot checkpoint job {gpid}: {e}"))),
+            After::Stay,
+        );
+    }
+    let bytes = image::dir_bytes(&dir);
+    let meta = ImageMeta {
+        gpid,
+        version,
+        node: node.id,
+        created_ms: now_ms(),
+        spec: spec_now(ctl),
+        keys,
+        carry: taken.carry.clone(),
+        bytes,
+    };
+    let rec = ImageRecord {
+        gpid,
+        version,
+        node: node.id,
+        uid: ctl.spec.uid,
+        user: ctl.spec.user.clone(),
+        command: ctl.command.clone(),
+        created_ms: meta.created_ms,
+        bytes,
+        path: dir.to_string_lossy().into_owned(),
+    };
+    if let Err(e) = image::write_meta(&dir, &meta) {
+        tracing::warn!(gpid = %gpid, error = %e, "cannot write the image's metadata");
+    }
+    let _ = node
+        .propose(crate::cluster::types::Command::AddImage(rec.clone()))
+        .await;
+    node.events.record(
+        "checkpoint",
+        format!("checkpointed {gpid} as version {version} ({bytes} bytes)"),
+    );
+    if kill {
+        let _ = tx.send(FromBody::Checkpointed { version }).await;
+        return (Ok(rec), After::Gone);
+    }
+    // Left running or stopped: same streams, same pipes.
+    let stopped = after == CheckpointAfter::Stop;
+    taken.give_back(ctl, pumps, tx);
+    if stopped {
+        ctl.signal(libc::SIGSTOP);
+    }
+    (Ok(rec), After::Stay)
+}

@@ -1,0 +1,191 @@
+//! The restoring side of a move or a restart: a job comes back on this node
+//! from its images, with new pipes (or a new pty) under the keys CRIU
+//! recorded, the stdin it had not read, and this node's cluster view.
+//!
+//! Apart from `migrate` because the restored body's supervisor may itself
+//! migrate and restore: the future returned here is boxed and declared
+//! `Send`, which ends that cycle for the compiler.
+
+use super::body::{supervise, BodyCtl, BodyLink, LINK_FRAMES_MAX};
+use super::cgroup::JobCgroup;
+use super::migrate::{RestoreJob, RestoreReply};
+use super::stdio::{make_streams, JobEnds, Pumps, StatusReader};
+use crate::criu::{Criu, ExternalKey, InheritFd, LazyPagesRequest, RestoreRequest};
+use crate::node::{now_ms, Node};
+use crate::wire::{ErrorCode, RemoteError};
+use krg_types::Gpid;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+fn refused(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorCode::Refused, msg)
+}
+
+fn internal(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorCode::Internal, msg)
+}
+
+pub type Restoring<'a> =
+    Pin<Box<dyn Future<Output = Result<RestoreReply, RemoteError>> + Send + 'a>>;
+
+/// Brings a job back on this node from images; its body then waits for its
+/// deputy to reattach.
+pub fn restore_here(node: &Arc<Node>, job: RestoreJob) -> Restoring<'_> {
+    Box::pin(restore_here_inner(node, job))
+}
+
+async fn restore_here_inner(
+    node: &Arc<Node>,
+    job: RestoreJob,
+) -> Result<RestoreReply, RemoteError> {
+    let started = Instant::now();
+    let gpid = job.spec.gpid;
+    let me = node.id;
+    if node.jobs.body(gpid).is_some() {
+        return Err(refused(format!("job {gpid} already runs on node {me}")));
+    }
+    let cgroup = tokio::task::block_in_place(|| JobCgroup::create(&super::body::cgroup_name(gpid)))
+        .map_err(|e| {
+            internal(format!(
+                "cannot restore job {gpid} on node {me}: its cgroup: {e}"
+            ))
+        })?;
+    let result = restore_into(node, &job, &cgroup).await;
+    let (io, status, pid, lazy) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            tokio::task::block_in_place(|| cgroup.remove());
+            return Err(e);
+        }
+    };
+    if let Some(view) = super::body::view_for(node, &job.spec) {
+        let init = node.init_path.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(init)
+                .arg("--attach-view")
+                .arg(view)
+                .arg(pid.to_string())
+                .status()
+        })
+        .await;
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(4);
+    let ctl = Arc::new(BodyCtl::new(
+        node,
+        job.spec.clone(),
+        cgroup,
+        cmd_tx,
+        io.keys,
+    ));
+    ctl.init_pid.store(pid, Ordering::SeqCst);
+    let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
+    let (from_tx, from_rx) = mpsc::channel(LINK_FRAMES_MAX);
+    let pumps = Pumps::start(io, ctl.clone(), to_rx, from_tx.clone());
+    pumps.push_carry(job.carry);
+    node.jobs.bodies_insert(ctl.clone());
+    node.jobs.attach_slot_put(
+        gpid,
+        BodyLink {
+            tx: to_tx,
+            rx: from_rx,
+        },
+    );
+    node.metrics
+        .migrations
+        .get_or_create(&crate::metrics::Metrics::label(&[
+            ("direction", "in"),
+            ("outcome", "ok"),
+        ]))
+        .inc();
+    tokio::spawn(supervise(node.clone(), ctl, pumps, status, from_tx, cmd_rx));
+    if let Some(daemon) = lazy {
+        tokio::task::spawn_blocking(move || daemon.wait(Duration::from_secs(3600)));
+    }
+    tracing::info!(gpid = %gpid, pid, "job restored here");
+    Ok(RestoreReply {
+        pid,
+        restore_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+type Restored = (
+    super::stdio::BodyIo,
+    StatusReader,
+    i32,
+    Option<crate::criu::LazyPages>,
+);
+
+async fn restore_into(
+    node: &Arc<Node>,
+    job: &RestoreJob,
+    cgroup: &JobCgroup,
+) -> Result<Restored, RemoteError> {
+    let gpid = job.spec.gpid;
+    let me = node.id;
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        internal(format!(
+            "cannot restore job {gpid} on node {me}: {what}: {e}"
+        ))
+    };
+    let (ends, io, status) = make_streams(job.spec.tty).map_err(|e| fail("its streams", &e))?;
+    let JobEnds {
+        stdin,
+        stdout,
+        stderr,
+        status: status_w,
+    } = ends;
+    let mut inherit: Vec<InheritFd> = Vec::new();
+    let mut add = |key: ExternalKey, fd: i32| {
+        if !inherit.iter().any(|i| i.key == key) {
+            inherit.push(InheritFd { key, fd });
+        }
+    };
+    add(job.keys.stdin, stdin.as_raw_fd());
+    add(job.keys.stdout, stdout.as_raw_fd());
+    add(job.keys.stderr, stderr.as_raw_fd());
+    add(job.keys.status, status_w.as_raw_fd());
+    let images = PathBuf::from(&job.images_dir);
+    let work = tempdir_for(node, gpid).map_err(|e| fail("a work directory", &e))?;
+    let criu = node.criu.clone();
+    let mut req = RestoreRequest::new(images.clone());
+    req.gpid = Some(gpid);
+    req.work_dir = Some(work.clone());
+    req.inherit = inherit;
+    req.join_cgroups = cgroup.dirs.clone();
+    let mut daemon = None;
+    if let Some((addr, port)) = &job.lazy {
+        let mut lreq = LazyPagesRequest::new(images.clone(), addr.clone(), *port);
+        lreq.gpid = Some(gpid);
+        lreq.work_dir = Some(work.clone());
+        let c = criu.clone();
+        let d = tokio::task::spawn_blocking(move || c.lazy_pages(&lreq))
+            .await
+            .map_err(|e| fail("the lazy-pages daemon", &e))?
+            .map_err(|e| fail("the lazy-pages daemon", &e))?;
+        daemon = Some(d);
+        req.lazy_pages = true;
+    }
+    let outcome = tokio::task::spawn_blocking(move || criu.restore(&req))
+        .await
+        .map_err(|e| fail("criu", &e))?
+        .map_err(|e| fail("criu", &e))?;
+    drop((stdin, stdout, stderr, status_w));
+    Ok((io, status, outcome.pid, daemon))
+}
+
+fn tempdir_for(node: &Node, gpid: Gpid) -> std::io::Result<PathBuf> {
+    let dir = node.config.state_dir.join("criu").join(format!(
+        "{}-{}-{}",
+        gpid.home_node(),
+        gpid.seq(),
+        now_ms()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
