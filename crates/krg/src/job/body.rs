@@ -150,6 +150,7 @@ impl BodyCtl {
             started_ms: self.started_ms,
             command: self.command.clone(),
             exit: None,
+            from_body: true,
         }
     }
 }

@@ -79,6 +79,11 @@ impl Deputy {
         node
     }
 
+    /// Its body runs (or is starting) as far as this record knows.
+    pub fn is_running(&self) -> bool {
+        matches!(self.state(), DeputyState::Running | DeputyState::Starting)
+    }
+
     pub fn exec_node(&self) -> NodeId {
         *self.node.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -113,6 +118,7 @@ impl Deputy {
             started_ms: self.started_ms,
             command: self.command.clone(),
             exit,
+            from_body: false,
         }
     }
 

@@ -70,6 +70,8 @@ pub struct JobInfo {
     pub started_ms: u64,
     pub command: String,
     pub exit: Option<ExitStatus>,
+    /// Reported by the node that runs the body (not by a deputy's record).
+    pub from_body: bool,
 }
 
 /// The jobs this node knows: bodies it runs and deputies it keeps.

@@ -55,7 +55,10 @@ pub fn local_jobs(node: &Node) -> Vec<JobInfo> {
     for d in node.jobs.deputies() {
         if matches!(
             d.state(),
-            DeputyState::Running | DeputyState::Starting | DeputyState::Lost
+            DeputyState::Running
+                | DeputyState::Starting
+                | DeputyState::Lost
+                | DeputyState::Checkpointed
         ) {
             jobs.push(d.info());
         }
@@ -88,7 +91,7 @@ pub async fn list_all(node: &Arc<Node>) -> Vec<JobInfo> {
     }
     let mut by_gpid: BTreeMap<Gpid, JobInfo> = BTreeMap::new();
     for j in all {
-        let body_report = matches!(j.state, JobState::Running | JobState::Stopped) && j.cpu_ns > 0;
+        let body_report = j.from_body;
         match by_gpid.get(&j.gpid) {
             Some(prev) if !body_report && prev.node.is_some() && prev.state != JobState::Lost => {}
             _ => {
@@ -119,7 +122,7 @@ pub fn signal_local(node: &Node, gpid: Gpid, sig: i32, uid: u32) -> Result<(), R
 async fn locate(node: &Arc<Node>, gpid: Gpid) -> Option<NodeId> {
     let home = gpid.home_node();
     if home == node.id {
-        return node.jobs.deputy(gpid).map(|d| d.exec_node());
+        return node.jobs.deputy(gpid).filter(|d| d.is_running()).map(|d| d.exec_node());
     }
     let addr = addr_of(node, home)?;
     match node
@@ -449,7 +452,7 @@ async fn body_node(node: &Arc<Node>, gpid: Gpid) -> Option<NodeId> {
     list_all(node)
         .await
         .into_iter()
-        .find(|j| j.gpid == gpid && matches!(j.state, JobState::Running | JobState::Stopped))
+        .find(|j| j.gpid == gpid && j.from_body)
         .and_then(|j| j.node)
 }
 
@@ -604,7 +607,8 @@ pub async fn restart(
     uid: u32,
 ) -> Result<(u32, NodeId), RemoteError> {
     let rec = image_record(node, gpid, version, uid)?;
-    if let Some(at) = body_node(node, gpid).await {
+    let running = list_all(node).await.into_iter().find(|j| j.gpid == gpid && j.from_body);
+    if let Some(at) = running.and_then(|j| j.node) {
         return Err(RemoteError::new(
             ErrorCode::Refused,
             format!("job {gpid} is still running on node {at}: a job runs once (krg kill it, or checkpoint it with --kill)"),

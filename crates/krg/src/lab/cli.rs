@@ -82,6 +82,14 @@ pub enum LabCommand {
         #[arg(long, env = "KRG_LAB", default_value = DEFAULT_NAME)]
         name: String,
     },
+    /// Show krg at work, step by step, on a new lab (left running afterwards).
+    Demo {
+        /// How many nodes (at least 2).
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, env = "KRG_LAB", default_value = DEFAULT_NAME)]
+        name: String,
+    },
     /// Show the lab's nodes, addresses, daemons and links.
     Status {
         #[arg(long, env = "KRG_LAB", default_value = DEFAULT_NAME)]
@@ -184,6 +192,10 @@ pub fn run(command: LabCommand) -> Result<i32> {
         LabCommand::Heal { k, name } => {
             Lab::open(&name)?.heal(k)?;
             println!("krg lab: node {k} reconnected");
+            Ok(0)
+        }
+        LabCommand::Demo { nodes, name } => {
+            super::demo::run(nodes, &name)?;
             Ok(0)
         }
         LabCommand::Status { name, json } => {

@@ -735,6 +735,11 @@ impl Lab {
                 .arg("--view-dir")
                 .arg(self.names.node_dir(k).join("view"));
         }
+        // The lab's nodes share this machine's file system: one image
+        // store for all, as NFS would be on real machines.
+        if !has("--image-store") {
+            command.arg("--image-store").arg(self.names.images_dir());
+        }
         command.args(&record.krgd_args);
         let log_err = log
             .try_clone()

@@ -225,7 +225,10 @@ impl Node {
             }
             PeerRequest::ListJobs => Ok(PeerResponse::Jobs(crate::job::ops::local_jobs(self))),
             PeerRequest::LocateJob { gpid } => Ok(PeerResponse::Located(
-                self.jobs.deputy(gpid).map(|d| d.exec_node()),
+                self.jobs
+                    .deputy(gpid)
+                    .filter(|d| d.is_running())
+                    .map(|d| d.exec_node()),
             )),
             PeerRequest::SignalJob { gpid, signal, uid } => {
                 crate::job::ops::signal_local(self, gpid, signal, uid).map(|()| PeerResponse::Done)
