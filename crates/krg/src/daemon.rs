@@ -264,6 +264,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::api::server::serve(socket, node.clone()));
     tokio::spawn(crate::gossip::task::run(node.clone()));
     tokio::spawn(crate::cluster::duties::run(node.clone()));
+    tokio::spawn(crate::policy::task::run(node.clone()));
     let _view = mount_view(&node);
     tokio::task::spawn_blocking(|| {
         // CRIU's lazy page server needs bigger pipes than the default.

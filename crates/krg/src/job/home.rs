@@ -260,6 +260,8 @@ async fn start(
         caps,
         no_migrate: req.no_migrate,
         local_view: req.local_view,
+        // `--node` says where to start; `--nodes` bounds where it may ever run.
+        nodes: req.nodes.clone(),
     };
     let log = if req.detach {
         Some(node.log_path(gpid))

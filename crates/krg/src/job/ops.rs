@@ -122,7 +122,11 @@ pub fn signal_local(node: &Node, gpid: Gpid, sig: i32, uid: u32) -> Result<(), R
 async fn locate(node: &Arc<Node>, gpid: Gpid) -> Option<NodeId> {
     let home = gpid.home_node();
     if home == node.id {
-        return node.jobs.deputy(gpid).filter(|d| d.is_running()).map(|d| d.exec_node());
+        return node
+            .jobs
+            .deputy(gpid)
+            .filter(|d| d.is_running())
+            .map(|d| d.exec_node());
     }
     let addr = addr_of(node, home)?;
     match node
@@ -607,7 +611,10 @@ pub async fn restart(
     uid: u32,
 ) -> Result<(u32, NodeId), RemoteError> {
     let rec = image_record(node, gpid, version, uid)?;
-    let running = list_all(node).await.into_iter().find(|j| j.gpid == gpid && j.from_body);
+    let running = list_all(node)
+        .await
+        .into_iter()
+        .find(|j| j.gpid == gpid && j.from_body);
     if let Some(at) = running.and_then(|j| j.node) {
         return Err(RemoteError::new(
             ErrorCode::Refused,

@@ -73,6 +73,8 @@ pub struct LaunchSpec {
     pub caps: Caps,
     pub no_migrate: bool,
     pub local_view: bool,
+    /// Nodes the job may run on (`--nodes`); empty: any.
+    pub nodes: Vec<NodeId>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

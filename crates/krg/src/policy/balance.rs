@@ -13,6 +13,9 @@ use super::config::SchedConfig;
 use super::{Balancer, JobSample, Move, NodeSample};
 use krg_types::NodeId;
 
+/// CPU use (in CPUs) above which a job counts as busy.
+pub const BUSY_CPU: f64 = 0.05;
+
 pub struct Balance {
     cfg: SchedConfig,
 }
@@ -48,14 +51,18 @@ impl Balancer for Balance {
         if my_rel <= average * self.cfg.threshold || my_rel < 1.0 / mine.capacity.max(0.01) {
             return vec![];
         }
-        // Busy, movable, settled jobs; cheapest first.
+        // Busy, movable, settled jobs; cheapest first. On a crowded node a
+        // CPU-bound job gets only a share of a CPU: any steady use counts.
         let mut candidates: Vec<&JobSample> = jobs
             .iter()
-            .filter(|j| j.movable && j.cpu >= 0.5 && j.resident_ms >= self.cfg.min_residence_ms)
+            .filter(|j| {
+                j.movable && j.cpu >= BUSY_CPU && j.resident_ms >= self.cfg.min_residence_ms
+            })
             .collect();
         candidates.sort_by(|a, b| a.rss_bytes.cmp(&b.rss_bytes).then(a.gpid.cmp(&b.gpid)));
         for job in candidates {
-            let share = job.cpu.min(1.0);
+            // Load is counted in runnable tasks: a busy job is one of them.
+            let share = 1.0;
             let target = usable
                 .iter()
                 .filter(|n| n.id != me && n.mem_free >= self.cfg.mem_free_min_bytes + job.rss_bytes)

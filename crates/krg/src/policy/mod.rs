@@ -14,6 +14,7 @@ pub mod filter;
 pub mod least_loaded;
 pub mod pack;
 pub mod round_robin;
+pub mod task;
 
 use krg_types::{Gpid, NodeId};
 use serde::{Deserialize, Serialize};

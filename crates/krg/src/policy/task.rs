@@ -1,0 +1,114 @@
+//! The balancer loop each node runs for its own jobs: sample the cluster
+//! and the local jobs, let the configured policy decide, migrate.
+
+use super::{JobSample, NodeSample};
+use crate::job::caps::Cap;
+use crate::job::migrate::MigrateMode;
+use crate::metrics::Metrics;
+use crate::node::{now_ms, Node};
+use krg_types::Gpid;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the loop looks whether the balancer is on.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// A move counts this long before gossip is trusted to show it.
+const RECENT_MOVE: Duration = Duration::from_secs(3);
+
+/// The cluster for balancing: load is the number of runnable tasks now (the
+/// averages lag behind moves), corrected by our moves gossip has not shown.
+fn balancing_samples(node: &Node, moved: &[(krg_types::NodeId, Instant)]) -> Vec<NodeSample> {
+    let mut nodes = crate::job::place::samples(node);
+    for n in &mut nodes {
+        if let Some(l) = node.view().load(n.id) {
+            n.load = f64::from(l.runnable);
+        }
+        let arrived = moved.iter().filter(|(t, _)| *t == n.id).count() as f64;
+        n.pending += arrived;
+        if n.id == node.id {
+            n.load = (n.load - moved.len() as f64).max(0.0);
+        }
+    }
+    nodes
+}
+
+pub async fn run(node: Arc<Node>) {
+    // CPU time of each local job at the previous round, to know its use.
+    let mut last: HashMap<Gpid, (u64, Instant)> = HashMap::new();
+    // Our recent moves, counted until gossip shows them.
+    let mut moved: Vec<(krg_types::NodeId, Instant)> = Vec::new();
+    loop {
+        let cfg = node.state.read(|d| d.state.sched.clone());
+        let Some(mut balancer) = super::balancer(&cfg) else {
+            last.clear();
+            tokio::time::sleep(IDLE_POLL).await;
+            continue;
+        };
+        tokio::time::sleep(Duration::from_millis(cfg.interval_ms)).await;
+        moved.retain(|(_, t)| t.elapsed() < RECENT_MOVE);
+        let nodes = balancing_samples(&node, &moved);
+        let jobs = local_jobs(&node, &mut last);
+        if jobs.is_empty() {
+            continue;
+        }
+        let moves = balancer.decide(node.id, &nodes, &jobs);
+        tracing::debug!(?nodes, ?jobs, ?moves, "balancer round");
+        for m in moves {
+            node.metrics
+                .decisions
+                .get_or_create(&Metrics::label(&[("kind", "migration")]))
+                .inc();
+            match crate::job::ops::migrate_local(&node, m.gpid, m.target, MigrateMode::Auto, 0)
+                .await
+            {
+                Ok(r) => {
+                    moved.push((m.target, Instant::now()));
+                    node.events.record(
+                        "migration",
+                        format!(
+                            "{} (frozen {} ms, {} bytes)",
+                            m.reason, r.freeze_ms, r.bytes
+                        ),
+                    )
+                }
+                Err(e) => node.events.record(
+                    "migration",
+                    format!("could not move {}: {}", m.gpid, e.message),
+                ),
+            }
+            last.remove(&m.gpid);
+        }
+    }
+}
+
+fn local_jobs(node: &Node, last: &mut HashMap<Gpid, (u64, Instant)>) -> Vec<JobSample> {
+    let now = Instant::now();
+    let bodies = node.jobs.bodies();
+    last.retain(|g, _| bodies.iter().any(|b| b.gpid == *g));
+    bodies
+        .iter()
+        .map(|b| {
+            let cpu_ns = b.cgroup.cpu_ns();
+            let cpu = match last.insert(b.gpid, (cpu_ns, now)) {
+                Some((prev, at)) => {
+                    cpu_ns.saturating_sub(prev) as f64
+                        / 1e9
+                        / now.duration_since(at).as_secs_f64().max(0.05)
+                }
+                None => 0.0,
+            };
+            JobSample {
+                gpid: b.gpid,
+                cpu,
+                rss_bytes: b.cgroup.rss_bytes(),
+                movable: b.caps().has(Cap::CanMigrate)
+                    && !b.no_migrate
+                    && !b.frozen.load(Ordering::SeqCst),
+                resident_ms: now_ms().saturating_sub(b.arrived_ms),
+                allowed: b.spec.nodes.clone(),
+            }
+        })
+        .collect()
+}
