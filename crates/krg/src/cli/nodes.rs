@@ -25,7 +25,10 @@ pub fn run(args: NodesArgs) -> anyhow::Result<i32> {
         print!(
             "{}",
             table(
-                &["ID", "ADDRESS", "HOST", "STATE", "CPUS", "LOAD", "MEM", "FREE", "VERSION"],
+                &[
+                    "ID", "ADDRESS", "HOST", "STATE", "CPUS", "LOAD", "JOBS", "MEM", "FREE",
+                    "VERSION"
+                ],
                 &rows
             )
         );
@@ -49,6 +52,7 @@ fn to_json(n: &NodeView) -> serde_json::Value {
         "mem_total": l.mem_total,
         "mem_free": l.mem_free,
         "jobs": l.jobs,
+        "idle": is_idle(n),
         "version": n.version,
     })
 }
@@ -78,6 +82,11 @@ fn to_row(n: &NodeView) -> Vec<String> {
                 format!("{:.2}/{}", l.capacity, l.cpus)
             },
             format!("{:.2} {:.2} {:.2}", l.load1, l.load5, l.load15),
+            if is_idle(n) {
+                "idle".to_string()
+            } else {
+                l.jobs.to_string()
+            },
             bytes(l.mem_total),
             bytes(l.mem_free),
             n.version.clone(),
@@ -94,4 +103,12 @@ fn to_row(n: &NodeView) -> Vec<String> {
             n.version.clone(),
         ],
     }
+}
+
+/// No krg job and next to no load: a node consolidation (`pack`) could let
+/// power down.
+fn is_idle(n: &NodeView) -> bool {
+    n.load
+        .as_ref()
+        .is_some_and(|l| l.jobs == 0 && l.load_short < 0.1 && n.state == krg_types::NodeState::Up)
 }
