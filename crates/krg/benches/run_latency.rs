@@ -24,7 +24,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn run_ok(mut c: Command) {
-    let st = c.stdout(Stdio::null()).stderr(Stdio::inherit()).status().expect("spawn");
+    let st = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .expect("spawn");
     assert!(st.success(), "command failed: {c:?}");
 }
 
@@ -126,9 +130,19 @@ fn start_sshd(lab: &Lab) -> Option<Sshd> {
     c.args(["-D", "-e", "-f", "/dev/null", "-p", "22"])
         .arg("-h")
         .arg(dir.join("host"))
-        .args(["-o", "PermitRootLogin=yes", "-o", "UsePAM=no", "-o", "StrictModes=no"])
+        .args([
+            "-o",
+            "PermitRootLogin=yes",
+            "-o",
+            "UsePAM=no",
+            "-o",
+            "StrictModes=no",
+        ])
         .arg("-o")
-        .arg(format!("AuthorizedKeysFile={}", dir.join("authorized_keys").display()))
+        .arg(format!(
+            "AuthorizedKeysFile={}",
+            dir.join("authorized_keys").display()
+        ))
         .arg("-o")
         .arg(format!("PidFile={}", dir.join("sshd.pid").display()))
         .stdout(Stdio::null())
@@ -137,7 +151,11 @@ fn start_sshd(lab: &Lab) -> Option<Sshd> {
     let sshd = Sshd { dir, child };
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if ssh_cmd(lab, &sshd, "true").status().map(|s| s.success()).unwrap_or(false) {
+        if ssh_cmd(lab, &sshd, "true")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+        {
             return Some(sshd);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -150,7 +168,14 @@ fn ssh_cmd(lab: &Lab, sshd: &Sshd, cmd: &str) -> Command {
     let mut c = lab.command(1, "ssh").expect("node 1");
     c.arg("-i")
         .arg(sshd.dir.join("user"))
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ])
         .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=120"])
         .arg("-o")
         .arg(format!("ControlPath={}", sshd.dir.join("cm").display()))
@@ -178,7 +203,9 @@ fn main() {
             c
         }
     };
-    latency("local fork+exec", &|| lab.command(1, "/bin/true").expect("node 1"));
+    latency("local fork+exec", &|| {
+        lab.command(1, "/bin/true").expect("node 1")
+    });
     latency("krg run --node 2", &krg_on("2", &["true"]));
     latency("krg run --node 1 (same node)", &krg_on("1", &["true"]));
     let sshd = start_sshd(&lab);

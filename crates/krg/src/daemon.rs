@@ -72,9 +72,15 @@ async fn load_or_create_identity(
     }
     let id = match (&config.join, &config.token) {
         (Some(member), Some(token)) => {
-            let id = crate::join::join(member, token, addr)
-                .await
-                .with_context(|| format!("cannot join the cluster through {member}"))?;
+            let id = match crate::join::join(member, token, addr).await {
+                Ok(id) => id,
+                Err(e) => {
+                    // Leave nothing behind: an empty directory we made goes.
+                    let _ = std::fs::remove_dir(&dir.root);
+                    return Err(e)
+                        .with_context(|| format!("cannot join the cluster through {member}"));
+                }
+            };
             eprintln!(
                 "krgd: joined cluster {} as node {}",
                 id.meta.cluster_id, id.meta.node_id

@@ -598,6 +598,7 @@ while [ $# -gt 0 ]; do
     --listen) listen=$2; shift 2;;
     --join) join=$2; shift 2;;
     --token) token=$2; shift 2;;
+    --load-scope|--view-dir|--image-store) shift 2;;
     *) echo "fake krgd: unknown argument $1" >&2; exit 2;;
   esac
 done

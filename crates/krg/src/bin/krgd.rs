@@ -16,8 +16,12 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    // Colours only for a person watching; a log file gets plain text.
+    // SAFETY: isatty only inspects the descriptor.
+    let terminal = unsafe { libc::isatty(2) } == 1 && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(terminal)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KRG_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),

@@ -312,7 +312,7 @@ impl Node {
         })
     }
 
-    pub async fn handle_join(&self, req: JoinRequest, from: String) -> JoinResponse {
+    pub async fn handle_join(&self, req: JoinRequest, _from: String) -> JoinResponse {
         for (what, s) in [
             ("address", &req.addr),
             ("host name", &req.hostname),
@@ -370,10 +370,8 @@ impl Node {
         };
         let id = match self.propose(cmd).await? {
             CommandResult::Admitted(id) => id,
-            CommandResult::Refused(reason) => {
-                tracing::warn!(%from, %reason, "join refused");
-                return Err(err(ErrorCode::BadToken, reason));
-            }
+            // The node port logs the refusal, with the peer's address.
+            CommandResult::Refused(reason) => return Err(err(ErrorCode::BadToken, reason)),
             CommandResult::Ok => return Err(err(ErrorCode::Internal, "admission gave no node id")),
         };
         let cluster_id = self.identity.meta.cluster_id.clone();
@@ -416,7 +414,12 @@ impl Node {
         records
             .into_iter()
             .map(|rec| {
-                let load = self.view().load(rec.id).cloned().filter(|l| l.cpus > 0);
+                // A down node's last load is history, not its state.
+                let load = self
+                    .view()
+                    .load(rec.id)
+                    .cloned()
+                    .filter(|l| l.cpus > 0 && rec.state == NodeState::Up);
                 NodeView {
                     id: rec.id,
                     state: self.shown_state(&rec),

@@ -110,12 +110,17 @@ async fn handle(
                 Ok(id) => id,
                 Err(reason) => {
                     let _ = conn
-                        .send(&Err::<(), _>(RemoteError::new(ErrorCode::PermissionDenied, reason.clone())))
+                        .send(&Err::<(), _>(RemoteError::new(
+                            ErrorCode::PermissionDenied,
+                            reason.clone(),
+                        )))
                         .await;
                     return Err(reason);
                 }
             };
-            conn.send(&Ok::<(), RemoteError>(())).await.map_err(|e| e.to_string())?;
+            conn.send(&Ok::<(), RemoteError>(()))
+                .await
+                .map_err(|e| e.to_string())?;
             crate::job::link::serve(node, from, conn).await
         }
         ConnKind::Client => {
@@ -186,6 +191,15 @@ async fn rpc_loop(
     let result = loop {
         let frame = match stream.next().await {
             None => break Ok(()),
+            // A peer that dies or restarts drops its connection: not news.
+            Some(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                break Ok(())
+            }
             Some(Err(e)) => break Err(format!("node {from}: {e}")),
             Some(Ok(f)) => f,
         };
