@@ -11,6 +11,7 @@ use crate::job::JobTable;
 use crate::node::config::NodeConfig;
 use crate::node::{now_ms, Node};
 use crate::peer::PeerPool;
+use crate::policy::config::SchedFile;
 use anyhow::{bail, Context};
 use krg_types::NodeState;
 use openraft::BasicNode;
@@ -191,6 +192,22 @@ fn tool_path(name: &str) -> Option<std::path::PathBuf> {
         .and_then(|p| p.canonicalize().ok())
 }
 
+/// Applies `--sched-config` through the replicated state (so every node
+/// follows it), if it changes anything.
+async fn apply_sched_file(node: &Arc<Node>, file: SchedFile) {
+    let current = node.state.read(|d| d.state.sched.clone());
+    match file.apply(&current) {
+        Ok(next) if next == current => {}
+        Ok(next) => match node.propose(Command::SetSched(next)).await {
+            Ok(_) => tracing::info!("scheduler configuration applied from the config file"),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "cannot apply the scheduler configuration")
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, "scheduler configuration refused"),
+    }
+}
+
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     // Jobs' init processes are orphaned on purpose by the outer krg-init:
     // they must become our children so we can reap them.
@@ -201,6 +218,11 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
+    // A bad config file stops us before anything changes.
+    let sched_file = match &config.sched_config {
+        Some(p) => Some(SchedFile::read(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let addr = advertise_addr(&config)?.to_string();
     let dir = StateDir::new(&config.state_dir);
     dir.ensure()?;
@@ -271,6 +293,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::gossip::task::run(node.clone()));
     tokio::spawn(crate::cluster::duties::run(node.clone()));
     tokio::spawn(crate::policy::task::run(node.clone()));
+    if let Some(f) = sched_file {
+        let n = node.clone();
+        tokio::spawn(async move { apply_sched_file(&n, f).await });
+    }
     let _view = mount_view(&node);
     tokio::task::spawn_blocking(|| {
         // CRIU's lazy page server needs bigger pipes than the default.

@@ -129,6 +129,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         view_dir: PathBuf::new(),
         metrics: "none".into(),
         image_store: PathBuf::new(),
+        sched_config: None,
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

@@ -46,6 +46,9 @@ pub struct NodeConfig {
     /// shares, at the same path (NFS, CephFS, ...).
     #[arg(long, env = "KRG_IMAGE_STORE", default_value = "/var/lib/krg/images")]
     pub image_store: PathBuf,
+    /// The scheduler's configuration (TOML), applied to the whole cluster at start.
+    #[arg(long, value_name = "FILE")]
+    pub sched_config: Option<PathBuf>,
     /// Where `/metrics` (Prometheus) is served; `none` for nowhere.
     #[arg(long, default_value = "127.0.0.1:9470")]
     pub metrics: String,

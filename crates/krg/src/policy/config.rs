@@ -103,6 +103,74 @@ impl fmt::Display for BalancerKind {
     }
 }
 
+/// The scheduler's config file (TOML), e.g.:
+///
+/// ```toml
+/// placement = "least-loaded"
+/// balancer = "balance"
+/// interval = "2s"
+/// threshold = 1.25
+/// min-residence = "30s"
+/// ```
+///
+/// Keys left out keep their current value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SchedFile {
+    pub placement: Option<PlacementKind>,
+    pub balancer: Option<BalancerKind>,
+    pub interval: Option<String>,
+    pub threshold: Option<f64>,
+    pub min_residence: Option<String>,
+    pub migration_bytes_per_s: Option<f64>,
+    pub horizon_s: Option<f64>,
+    pub mem_free_min_bytes: Option<u64>,
+}
+
+impl SchedFile {
+    pub fn read(path: &std::path::Path) -> Result<SchedFile, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The configuration with this file's settings applied.
+    pub fn apply(&self, base: &SchedConfig) -> Result<SchedConfig, String> {
+        let ms = |s: &str| {
+            humantime::parse_duration(s)
+                .map(|d| d.as_millis() as u64)
+                .map_err(|e| format!("'{s}': {e}"))
+        };
+        let mut c = base.clone();
+        if let Some(p) = self.placement {
+            c.placement = p;
+        }
+        if let Some(b) = self.balancer {
+            c.balancer = b;
+        }
+        if let Some(i) = &self.interval {
+            c.interval_ms = ms(i)?;
+        }
+        if let Some(t) = self.threshold {
+            c.threshold = t;
+        }
+        if let Some(m) = &self.min_residence {
+            c.min_residence_ms = ms(m)?;
+        }
+        if let Some(v) = self.migration_bytes_per_s {
+            c.migration_bytes_per_s = v;
+        }
+        if let Some(v) = self.horizon_s {
+            c.horizon_s = v;
+        }
+        if let Some(v) = self.mem_free_min_bytes {
+            c.mem_free_min_bytes = v;
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
 impl SchedConfig {
     /// Rejects values that would make the scheduler misbehave.
     pub fn check(&self) -> Result<(), String> {
@@ -119,5 +187,23 @@ impl SchedConfig {
             return Err("the migration rate and horizon must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_changes_only_what_it_names() {
+        let f: SchedFile =
+            toml::from_str("placement = \"round-robin\"\ninterval = \"1s\"\n").unwrap();
+        let c = f.apply(&SchedConfig::default()).unwrap();
+        assert_eq!(c.placement, PlacementKind::RoundRobin);
+        assert_eq!(c.interval_ms, 1000);
+        assert_eq!(c.balancer, SchedConfig::default().balancer);
+        assert!(toml::from_str::<SchedFile>("bogus = 1").is_err());
+        let bad: SchedFile = toml::from_str("threshold = 0.5").unwrap();
+        assert!(bad.apply(&SchedConfig::default()).is_err());
     }
 }
