@@ -256,6 +256,10 @@ impl Drop for RawTerminal {
 
 /// Talks to krgd for the job's whole life; returns the exit code.
 pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> {
+    // Writes to krgd after it closed, or to a closed stdout, must fail
+    // (and be handled) rather than kill us silently.
+    // SAFETY: signal with constant arguments.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let tty = req.tty.is_some();
     let detach = req.detach;
     let mut client = Client::connect(&socket_path()).await?;
@@ -280,20 +284,24 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
     }
     let _raw = (tty && isatty(0)).then(RawTerminal::enter);
     let (mut sink, mut stream) = client.conn.into_inner().split();
-    let (tx, mut rx) = mpsc::channel::<ToBody>(16);
+    // Frames to krgd, each with an optional note of when it is written.
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(16);
     tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
+        while let Some((frame, written)) = rx.recv().await {
             let Ok(bytes) = crate::wire::encode(&frame) else {
                 continue;
             };
             if sink.send(bytes).await.is_err() {
                 break;
             }
+            if let Some(w) = written {
+                let _ = w.send(());
+            }
         }
     });
     let credit = Arc::new(Semaphore::new(STREAM_WINDOW_BYTES as usize));
     if no_stdin {
-        let _ = tx.send(ToBody::StdinEof).await;
+        let _ = tx.send((ToBody::StdinEof, None)).await;
     } else {
         spawn_stdin_reader(tx.clone(), credit.clone());
     }
@@ -306,16 +314,18 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
         let msg: FromBody = crate::wire::decode(&frame)?;
         match msg {
             FromBody::Stdout(b) => {
-                tokio::task::block_in_place(|| {
+                let r = tokio::task::block_in_place(|| {
                     out.write_all(&b)?;
                     out.flush()
-                })?;
+                });
+                output_result(r, &tx).await?;
             }
             FromBody::Stderr(b) => {
-                tokio::task::block_in_place(|| {
+                let r = tokio::task::block_in_place(|| {
                     err.write_all(&b)?;
                     err.flush()
-                })?;
+                });
+                output_result(r, &tx).await?;
             }
             FromBody::StdinAck(n) => credit.add_permits(n as usize),
             FromBody::Failed { error, .. } => eprintln!("krg: {}", error.message),
@@ -347,9 +357,38 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
     }
 }
 
+/// A frame for krgd, and who wants to know once it is written.
+type Outgoing = (ToBody, Option<tokio::sync::oneshot::Sender<()>>);
+
+/// Sends a frame and waits (a little) until it is written to krgd.
+async fn send_written(tx: &mpsc::Sender<Outgoing>, frame: ToBody) {
+    let (w, written) = tokio::sync::oneshot::channel();
+    if tx.send((frame, Some(w))).await.is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), written).await;
+    }
+}
+
+/// Where our output has gone away (`krg run yes | head -1`), the job gets
+/// the SIGPIPE a local writer would, and so do we.
+async fn output_result(r: std::io::Result<()>, tx: &mpsc::Sender<Outgoing>) -> anyhow::Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            send_written(tx, ToBody::Signal(libc::SIGPIPE)).await;
+            // SAFETY: signal and raise with constant arguments.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Reads our stdin on its own thread (a read(2) on a terminal or pipe
 /// cannot be cancelled) and sends it within the credit the body grants.
-fn spawn_stdin_reader(tx: mpsc::Sender<ToBody>, credit: Arc<Semaphore>) {
+fn spawn_stdin_reader(tx: mpsc::Sender<Outgoing>, credit: Arc<Semaphore>) {
     let handle = tokio::runtime::Handle::current();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; STDIN_CHUNK_BYTES];
@@ -371,18 +410,18 @@ fn spawn_stdin_reader(tx: mpsc::Sender<ToBody>, credit: Arc<Semaphore>) {
             };
             permit.forget();
             if tx
-                .blocking_send(ToBody::Stdin(ByteBuf::from(buf[..n].to_vec())))
+                .blocking_send((ToBody::Stdin(ByteBuf::from(buf[..n].to_vec())), None))
                 .is_err()
             {
                 return;
             }
         }
-        let _ = tx.blocking_send(ToBody::StdinEof);
+        let _ = tx.blocking_send((ToBody::StdinEof, None));
     });
 }
 
 /// Signals sent to `krg run` go to the job.
-async fn forward_signals(tx: mpsc::Sender<ToBody>, tty: bool) {
+async fn forward_signals(tx: mpsc::Sender<Outgoing>, tty: bool) {
     use tokio::signal::unix::{signal, SignalKind};
     let kinds = [
         libc::SIGINT,
@@ -423,7 +462,10 @@ async fn forward_signals(tx: mpsc::Sender<ToBody>, tty: bool) {
             libc::SIGWINCH => continue,
             s => ToBody::Signal(s),
         };
-        if tx.send(frame).await.is_err() {
+        if sig == libc::SIGTSTP {
+            // The job must hear it before we stop ourselves.
+            send_written(&tx, frame).await;
+        } else if tx.send((frame, None)).await.is_err() {
             break;
         }
         if sig == libc::SIGTSTP {

@@ -98,6 +98,9 @@ pub struct View {
     started: Instant,
     own: GossipEntry,
     seen: HashMap<NodeId, Seen>,
+    /// When we first knew each member (a node that just joined is given
+    /// time to be heard from, counted from then).
+    known: HashMap<NodeId, Instant>,
 }
 
 impl View {
@@ -112,7 +115,13 @@ impl View {
                 load: NodeLoad::default(),
             },
             seen: HashMap::new(),
+            known: HashMap::new(),
         }
+    }
+
+    /// Notes that `node` is a member (from the replicated state).
+    pub fn know(&mut self, node: NodeId, now: Instant) {
+        self.known.entry(node).or_insert(now);
     }
 
     /// Starts a round: bumps our heartbeat and returns the message to send.
@@ -158,7 +167,13 @@ impl View {
         if node == self.me {
             return Liveness::Alive;
         }
-        let since = self.seen.get(&node).map_or(self.started, |s| s.advanced_at);
+        let known = self
+            .known
+            .get(&node)
+            .copied()
+            .unwrap_or(self.started)
+            .max(self.started);
+        let since = self.seen.get(&node).map_or(known, |s| s.advanced_at);
         let silence = now.saturating_duration_since(since);
         if silence >= suspect_after {
             Liveness::Silent(silence)
@@ -177,6 +192,7 @@ impl View {
     /// Drops what we know of nodes that left.
     pub fn forget(&mut self, node: NodeId) {
         self.seen.remove(&node);
+        self.known.remove(&node);
     }
 }
 
@@ -233,6 +249,23 @@ mod tests {
             a.liveness(n(2), later, Duration::from_secs(1)),
             Liveness::Alive
         );
+    }
+
+    #[test]
+    fn a_node_that_just_joined_is_not_suspect_before_its_first_heartbeat() {
+        let t0 = Instant::now();
+        let mut a = View::new(n(1), 1, t0);
+        let joined = t0 + Duration::from_secs(10);
+        a.know(n(4), joined);
+        let sus = Duration::from_secs(1);
+        assert_eq!(
+            a.liveness(n(4), joined + Duration::from_millis(500), sus),
+            Liveness::Alive
+        );
+        assert!(matches!(
+            a.liveness(n(4), joined + Duration::from_secs(2), sus),
+            Liveness::Silent(_)
+        ));
     }
 
     #[test]

@@ -27,7 +27,17 @@ pub async fn run(node: Arc<Node>) {
         } else {
             None
         };
-        let msg = node.view().tick(load);
+        let members: Vec<krg_types::NodeId> = node
+            .state
+            .read(|d| d.state.members().map(|n| n.id).collect());
+        let msg = {
+            let mut view = node.view();
+            let now = Instant::now();
+            for id in members {
+                view.know(id, now);
+            }
+            view.tick(load)
+        };
         let mut peers: Vec<(krg_types::NodeId, String)> = node.state.read(|d| {
             d.state
                 .nodes

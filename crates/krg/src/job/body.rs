@@ -375,9 +375,13 @@ async fn run(
     // The first line is the init's host pid (krg-init guarantees the order).
     let init_pid = loop {
         match status.next().await {
-            Ok(Some(lines)) => {
-                if let Some(StatusLine::Pid(p)) = lines.first() {
-                    break Some(*p);
+            Ok(Some(mut lines)) => {
+                if let Some(StatusLine::Pid(p)) = lines.first().cloned() {
+                    // What came with it (started, a failure, the end) is
+                    // the supervisor's.
+                    lines.remove(0);
+                    status.unread(lines);
+                    break Some(p);
                 }
             }
             _ => break None,
