@@ -862,7 +862,7 @@ fn cap_sys_resource_feature() -> Feature {
     match effective_caps() {
         Ok(caps) if caps & (1 << CAP_SYS_RESOURCE) != 0 => Feature::yes("CAP_SYS_RESOURCE"),
         Ok(_) => Feature::no(
-            "this process lacks CAP_SYS_RESOURCE: CRIU cannot raise RLIMIT_NOFILE (harmless) nor grow pipes past fs.pipe-max-size",
+            "this process lacks CAP_SYS_RESOURCE: CRIU cannot read the resource limits of jobs of other users (only root's jobs can be checkpointed or moved) nor grow pipes past fs.pipe-max-size",
         ),
         Err(e) => Feature::no(format!("cannot read this process's capabilities ({e})")),
     }

@@ -74,6 +74,8 @@ pub struct ImageRecord {
     pub created_ms: u64,
     pub bytes: u64,
     pub path: String,
+    /// Time CRIU took to write it.
+    pub dump_ms: u64,
 }
 
 pub fn job_dir(store: &Path, gpid: Gpid) -> PathBuf {

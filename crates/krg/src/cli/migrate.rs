@@ -34,7 +34,9 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
         bail!("krgd answered with something unexpected")
     };
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["gpid"] = serde_json::Value::String(r.gpid.to_string());
+        println!("{v}");
     } else {
         println!(
             "migrated {} from node {} to node {} ({}): frozen {} ms, {} moved, {} ms in all",
@@ -82,7 +84,9 @@ pub fn checkpoint(args: CheckpointArgs) -> anyhow::Result<i32> {
         bail!("krgd answered with something unexpected")
     };
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["gpid"] = serde_json::Value::String(r.gpid.to_string());
+        println!("{v}");
     } else {
         println!(
             "checkpointed {} as version {} ({}) in {}",
@@ -168,7 +172,15 @@ pub fn images(args: ImagesArgs) -> anyhow::Result<i32> {
         bail!("krgd answered with something unexpected")
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        let arr: Vec<serde_json::Value> = list
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["gpid"] = serde_json::Value::String(r.gpid.to_string());
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&arr)?);
         return Ok(0);
     }
     let rows: Vec<Vec<String>> = list

@@ -45,6 +45,9 @@ const NSFS: &str = "nsfs";
 const VIEW_SOURCE: &str = "krg-view";
 
 /// Runs the dump.
+/// Largest deleted-but-open file a dump carries (CRIU's default is 1 MiB).
+const GHOST_LIMIT_BYTES: u32 = 64 << 20;
+
 pub fn run(binary: &Path, req: &DumpRequest) -> Result<DumpOutcome, CriuError> {
     if req.pid <= 1 {
         return Err(CriuError::Invalid(format!(
@@ -134,6 +137,9 @@ pub fn opts(
         AfterDump::Run => opts.set_leave_running(true),
         AfterDump::Stop => opts.set_leave_stopped(true),
     }
+    // A job's binary replaced on disk (krg-init after an upgrade) is a
+    // "ghost" file CRIU must carry: allow one of that size.
+    opts.set_ghost_limit(GHOST_LIMIT_BYTES);
     opts.external.push("mnt[]".to_owned());
     opts.skip_mnt.extend(node_local.iter().cloned());
     opts.skip_mnt.extend(req.skip_mounts.iter().cloned());

@@ -57,6 +57,8 @@ pub struct BodyCtl {
     pub cmd: mpsc::Sender<super::migrate::BodyCmd>,
     /// How CRIU knows the job's ends of its streams.
     pub keys: Mutex<super::stdio::StreamKeys>,
+    /// krg-init has started the command (before that, CRIU cannot dump it).
+    pub started: AtomicBool,
 }
 
 impl BodyCtl {
@@ -85,6 +87,7 @@ impl BodyCtl {
             spec,
             cmd,
             keys: Mutex::new(keys),
+            started: AtomicBool::new(false),
         }
     }
 
@@ -436,7 +439,8 @@ pub async fn supervise(
                             StatusLine::Signal { signal, core } => {
                                 reported = Some(ExitStatus::Signal { signal, core })
                             }
-                            StatusLine::Pid(_) | StatusLine::Started(_) => {}
+                            StatusLine::Started(_) => ctl.started.store(true, Ordering::SeqCst),
+                            StatusLine::Pid(_) => {}
                         }
                     }
                 }

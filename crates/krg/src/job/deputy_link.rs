@@ -111,6 +111,8 @@ impl DeputyLink {
                     self.holding = true;
                     self.link = None;
                     self.reattach_to = Some(node);
+                    // Asked where the job runs, answer the truth already.
+                    *self.deputy.node.lock().unwrap_or_else(|p| p.into_inner()) = node;
                 }
                 FromBody::Resumed => self.flush().await,
                 FromBody::Checkpointed { version } => {

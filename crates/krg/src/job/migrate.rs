@@ -145,6 +145,32 @@ pub async fn serve(
     }
 }
 
+/// How long a job just launched may take to start its command.
+const START_WAIT: Duration = Duration::from_secs(5);
+
+/// A job is saved or moved only once its command runs, by a user whose
+/// processes CRIU may inspect here.
+async fn ready(ctl: &BodyCtl, what: &str) -> Result<(), RemoteError> {
+    let deadline = Instant::now() + START_WAIT;
+    while !ctl.started.load(Ordering::SeqCst) {
+        if Instant::now() >= deadline {
+            return Err(refused(format!(
+                "cannot {what} job {}: it has not started its command yet",
+                ctl.gpid
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let f = crate::features::get();
+    if ctl.spec.uid != 0 && !f.cap_sys_resource.ok {
+        return Err(refused(format!(
+            "cannot {what} job {}: it runs as uid {} and krgd here lacks CAP_SYS_RESOURCE, which CRIU needs to read another user's resource limits (grant it to krgd)",
+            ctl.gpid, ctl.spec.uid
+        )));
+    }
+    Ok(())
+}
+
 /// Why this job cannot move or be saved, found before anything is frozen.
 pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
     let gpid = ctl.gpid;
@@ -346,6 +372,7 @@ async fn migrate(
         if let Some(why) = obstacle(ctl) {
             return Err(refused(why));
         }
+        ready(ctl, "migrate").await?;
         Ok((rec.addr, resolve_mode(mode)?))
     };
     let (target_addr, mode) = match checks.await {
@@ -451,6 +478,39 @@ async fn migrate(
     match asked {
         Ok(PeerResponse::Restored(_)) => {
             let freeze_ms = frozen_at.elapsed().as_millis() as u64;
+            // Post-copy: the job runs on the target but part of its memory
+            // is still here. Its streams move only once every page has;
+            // if the transfer breaks, CRIU resumes the job here, the
+            // target's copy is killed before its output reached anyone,
+            // and the job goes on here: never lost, never twice.
+            if let Some(d) = dump.take() {
+                let transferred = matches!(d.await, Ok(Ok(_)));
+                if !transferred {
+                    let kill = PeerRequest::SignalJob {
+                        gpid,
+                        signal: libc::SIGKILL,
+                        uid: 0,
+                    };
+                    let _ = node
+                        .peers
+                        .call(target, &target_addr, kill, Duration::from_secs(5))
+                        .await;
+                    node.metrics
+                        .failures
+                        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
+                        .inc();
+                    taken.give_back(ctl, pumps, tx);
+                    let _ = tx.send(FromBody::Resumed).await;
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return (
+                        Err(internal(format!(
+                            "cannot migrate job {gpid}: node {target} failed while its memory moved; the job goes on on node {}",
+                            node.id
+                        ))),
+                        After::Stay,
+                    );
+                }
+            }
             let bytes = image::dir_bytes(&dir) + if port.is_some() { rss } else { 0 };
             let _ = tx.send(FromBody::Moved { node: target }).await;
             let report = MigrationReport {
@@ -622,6 +682,9 @@ async fn checkpoint(
             After::Stay,
         );
     }
+    if let Err(e) = ready(ctl, "checkpoint").await {
+        return (Err(e), After::Stay);
+    }
     let kill = after == CheckpointAfter::Kill;
     if kill {
         if let Err(e) = hold_deputy(pumps, tx).await {
@@ -652,7 +715,9 @@ async fn checkpoint(
         CheckpointAfter::LeaveRunning => AfterDump::Run,
     };
     let criu = node.criu.clone();
+    let dump_started = Instant::now();
     let result = tokio::task::spawn_blocking(move || criu.dump(&req)).await;
+    let dump_ms = dump_started.elapsed().as_millis() as u64;
     let dumped = match result {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -690,6 +755,7 @@ async fn checkpoint(
         created_ms: meta.created_ms,
         bytes,
         path: dir.to_string_lossy().into_owned(),
+        dump_ms,
     };
     if let Err(e) = image::write_meta(&dir, &meta) {
         tracing::warn!(gpid = %gpid, error = %e, "cannot write the image's metadata");

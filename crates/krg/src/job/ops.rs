@@ -474,26 +474,48 @@ pub async fn migrate(
     mode: super::migrate::MigrateMode,
     uid: u32,
 ) -> Result<super::migrate::MigrationReport, RemoteError> {
-    let at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
-    if at == node.id {
-        return migrate_local(node, gpid, target, mode, uid).await;
+    // The body may have just moved: a node that no longer has it makes us
+    // look again, once, by asking every node.
+    let mut at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+    for attempt in 0..2 {
+        let r = if at == node.id {
+            migrate_local(node, gpid, target, mode, uid).await
+        } else {
+            let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
+            let req = PeerRequest::Migrate {
+                gpid,
+                target,
+                mode,
+                uid,
+            };
+            match node
+                .peers
+                .call(at, &addr, req, BODY_CMD_TIMEOUT)
+                .await
+                .map_err(remote)
+            {
+                Ok(PeerResponse::Migrated(r)) => Ok(r),
+                Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Err(e) if e.code == ErrorCode::NotFound && attempt == 0 => {
+                at = find_body(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+            }
+            other => return other,
+        }
     }
-    let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
-    let req = PeerRequest::Migrate {
-        gpid,
-        target,
-        mode,
-        uid,
-    };
-    match node
-        .peers
-        .call(at, &addr, req, BODY_CMD_TIMEOUT)
+    Err(not_found(gpid))
+}
+
+/// The node whose body report names the job, asking every node.
+async fn find_body(node: &Arc<Node>, gpid: Gpid) -> Option<NodeId> {
+    list_all(node)
         .await
-        .map_err(remote)?
-    {
-        PeerResponse::Migrated(r) => Ok(r),
-        _ => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
-    }
+        .into_iter()
+        .find(|j| j.gpid == gpid && j.from_body)
+        .and_then(|j| j.node)
 }
 
 pub async fn checkpoint(
@@ -502,21 +524,32 @@ pub async fn checkpoint(
     after: super::migrate::CheckpointAfter,
     uid: u32,
 ) -> Result<crate::image::ImageRecord, RemoteError> {
-    let at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
-    if at == node.id {
-        return checkpoint_local(node, gpid, after, uid).await;
+    let mut at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+    for attempt in 0..2 {
+        let r = if at == node.id {
+            checkpoint_local(node, gpid, after, uid).await
+        } else {
+            let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
+            let req = PeerRequest::Checkpoint { gpid, after, uid };
+            match node
+                .peers
+                .call(at, &addr, req, BODY_CMD_TIMEOUT)
+                .await
+                .map_err(remote)
+            {
+                Ok(PeerResponse::ImageSaved(r)) => Ok(r),
+                Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Err(e) if e.code == ErrorCode::NotFound && attempt == 0 => {
+                at = find_body(node, gpid).await.ok_or_else(|| not_found(gpid))?;
+            }
+            other => return other,
+        }
     }
-    let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
-    let req = PeerRequest::Checkpoint { gpid, after, uid };
-    match node
-        .peers
-        .call(at, &addr, req, BODY_CMD_TIMEOUT)
-        .await
-        .map_err(remote)?
-    {
-        PeerResponse::ImageSaved(r) => Ok(r),
-        _ => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
-    }
+    Err(not_found(gpid))
 }
 
 /// Images the caller may see: all for root, their own otherwise (images

@@ -84,6 +84,8 @@ async fn restore_here_inner(
         io.keys,
     ));
     ctl.init_pid.store(pid, Ordering::SeqCst);
+    // A restored job was running when it was saved.
+    ctl.started.store(true, Ordering::SeqCst);
     let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
     let (from_tx, from_rx) = mpsc::channel(LINK_FRAMES_MAX);
     let pumps = Pumps::start(io, ctl.clone(), to_rx, from_tx.clone());

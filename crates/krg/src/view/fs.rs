@@ -248,7 +248,7 @@ impl ViewFs {
 
 impl Filesystem for ViewFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let s = self.cache.get();
+        let s = self.cache.peek();
         let Some(kids) = children(parent.0, &s, &self.cache) else {
             return reply.error(Errno::ENOENT);
         };
@@ -266,7 +266,7 @@ impl Filesystem for ViewFs {
         };
         let dir = matches!(e, Entry::Dir | Entry::NodeDir(_) | Entry::JobDir(_));
         if matches!(e, Entry::Dir | Entry::Top(_) | Entry::Online)
-            || exists(e, &self.cache.get(), &self.cache)
+            || exists(e, &self.cache.peek(), &self.cache)
         {
             reply.attr(&TTL, &attr(ino.0, dir));
         } else {
@@ -344,7 +344,7 @@ impl Filesystem for ViewFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let s = self.cache.get();
+        let s = self.cache.peek();
         let Some(kids) = children(ino.0, &s, &self.cache) else {
             return reply.error(Errno::ENOENT);
         };

@@ -24,7 +24,10 @@ const REFRESH: Duration = Duration::from_secs(1);
 const IN_USE: Duration = Duration::from_secs(10);
 /// A read older than this waits for a refresh (up to `STALE_WAIT`).
 const STALE: Duration = Duration::from_secs(3);
-const STALE_WAIT: Duration = Duration::from_millis(1500);
+const STALE_WAIT: Duration = Duration::from_millis(300);
+/// While nobody reads the view it is still refreshed this often, so a
+/// first read after a quiet while is not served from old news.
+const IDLE_REFRESH: Duration = Duration::from_secs(10);
 /// A node's texts are asked for with this timeout.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -92,6 +95,13 @@ impl ViewCache {
         guard.clone()
     }
 
+    /// The latest snapshot as it is, without waiting: enough to list
+    /// directories and look names up.
+    pub fn peek(&self) -> Snapshot {
+        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.snap.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn in_use(&self) -> bool {
         self.last_read
             .lock()
@@ -108,16 +118,22 @@ impl ViewCache {
 /// Keeps the cache fresh while the view is read.
 pub async fn refresh_loop(node: Arc<Node>, cache: Arc<ViewCache>) {
     let mut last: Vec<(NodeId, Arc<ProcTexts>, Instant)> = Vec::new();
+    let mut taken: Option<Instant> = None;
     loop {
-        if cache.in_use() {
+        let due = taken.is_none_or(|t| {
+            t.elapsed()
+                >= if cache.in_use() {
+                    REFRESH
+                } else {
+                    IDLE_REFRESH
+                }
+        });
+        if due {
             let snap = take(&node, &mut last).await;
             cache.put(snap);
+            taken = Some(Instant::now());
         }
         tokio::time::sleep(REFRESH / 4).await;
-        if !cache.in_use() {
-            continue;
-        }
-        tokio::time::sleep(REFRESH * 3 / 4).await;
     }
 }
 

@@ -1,0 +1,388 @@
+//! Benchmark of issue 4: what moving and saving a running job costs, on a
+//! 3-node lab cluster. Prints one JSON object per line. Needs root, CRIU
+//! and /usr/bin/python3 (it builds a lab); run with `cargo bench --bench
+//! migration` (release binaries).
+//!
+//! The job is tests/workloads/migration_memory.py: a Python process holding
+//! 64 MiB, 256 MiB or 1 GiB of touched memory, idle or rewriting 10 MiB/s of
+//! it, printing its wall-clock time every 10 ms. For each size, load and
+//! mode (`stop`, `lazy`) it is started on node 1 under `krg run` and moved
+//! to node 2 once:
+//!
+//! - `freeze_ms_krg`, `total_ms_krg`, `bytes`: what `krg migrate --json`
+//!   reports;
+//! - `freeze_ms_job`: the largest gap between two of the job's own
+//!   timestamps around the move (10 ms when nothing stops it);
+//! - `wall_ms`: `krg migrate` as the caller waits for it;
+//! - `all_pages_ms`: until the source has sent its last page (lazy: when
+//!   its migration image directory is removed; stop: `wall_ms`).
+//!
+//! Then, per size, `krg checkpoint --leave-running --json` (wall clock, the
+//! JSON gives no time) against `cp -r` of the image it wrote into the same
+//! image store.
+
+use krg::lab::{Lab, LabOptions};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const KRG: &str = env!("CARGO_BIN_EXE_krg");
+const PYTHON: &str = "/usr/bin/python3";
+const SIZES_MIB: [u64; 3] = [64, 256, 1024];
+const REWRITE_MIB_S: [u64; 2] = [0, 10];
+const MODES: [&str; 2] = ["stop", "lazy"];
+/// Longest a job may take to fill its memory and print `ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest one `krg` command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest the pages of a lazy move may take to arrive.
+const PAGES_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the job runs before and after the move (its gaps are read in
+/// that window).
+const SETTLE: Duration = Duration::from_millis(1000);
+const MIB: f64 = 1024.0 * 1024.0;
+/// Moves (and checkpoints) per case; the medians are printed.
+const RUNS: usize = 3;
+
+fn now_epoch_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+}
+
+/// Run `command` to its end, at most `timeout`; panics on a timeout.
+fn bounded(mut command: Command, timeout: Duration) -> Output {
+    let what = format!("{:?}", command.get_args().collect::<Vec<_>>());
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("waits"),
+        Err(_) => {
+            // SAFETY: kill(2) has no memory-safety preconditions; the child
+            // is not reaped until wait_with_output returns.
+            unsafe { libc::kill(id as i32, libc::SIGKILL) };
+            panic!("{what} did not end within {timeout:?}");
+        }
+    }
+}
+
+fn krg(lab: &Lab, args: &[&str]) -> Output {
+    let mut command = lab.command(1, KRG).expect("node 1");
+    command.args(args).current_dir("/tmp");
+    bounded(command, COMMAND_TIMEOUT)
+}
+
+fn krg_ok(lab: &Lab, args: &[&str]) -> String {
+    let out = krg(lab, args);
+    assert!(
+        out.status.success(),
+        "krg {args:?}: {}; {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The memory job under `krg run` on node 1, its lines collected.
+struct Job {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    gpid: String,
+}
+
+impl Job {
+    fn start(lab: &Lab, script: &str, mib: u64, rate: u64) -> Job {
+        let mut command = lab.command(1, KRG).expect("node 1");
+        command
+            .args(["run", "-T", "--node", "1", "sh", "-c"])
+            .arg(format!(
+                "echo gpid $KRG_GPID; exec {PYTHON} {script} {mib} {rate}"
+            ))
+            .current_dir("/tmp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("starts krg run");
+        let out = child.stdout.take().expect("piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("not poisoned").push(line);
+            }
+        });
+        let mut job = Job {
+            child,
+            lines,
+            gpid: String::new(),
+        };
+        job.gpid = job
+            .wait_for(|l| l.starts_with("gpid "), READY_TIMEOUT)
+            .trim_start_matches("gpid ")
+            .to_string();
+        job.wait_for(|l| l.starts_with("ready"), READY_TIMEOUT);
+        job
+    }
+
+    fn wait_for(&self, want: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .find(|l| want(l))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the job printed no such line within {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The largest gap (ms) between two of the job's timestamps from `since`
+    /// (seconds since the epoch) on.
+    fn largest_gap_ms(&self, since: f64) -> f64 {
+        let lines = self.lines.lock().expect("not poisoned");
+        let times: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("t ")?.parse().ok())
+            .filter(|t| *t >= since)
+            .collect();
+        times
+            .windows(2)
+            .map(|w| (w[1] - w[0]) * 1000.0)
+            .fold(0.0, f64::max)
+    }
+
+    fn end(mut self, lab: &Lab) {
+        krg_ok(lab, &["kill", &self.gpid]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "krg run did not end after krg kill"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Whether a lazy move of `gpid` still has pages to send (the source keeps
+/// `<store>/<home>-<seq>/migrate-<ms>` until then).
+fn pages_pending(lab: &Lab, gpid: &str) -> bool {
+    std::fs::read_dir(lab.images_dir().join(gpid.replace(':', "-")))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("migrate-"))
+}
+
+/// One move of a fresh job; its figures, or the error `krg migrate` gave.
+fn migration(lab: &Lab, script: &str, mib: u64, rate: u64, mode: &str) -> Result<Value, String> {
+    let job = Job::start(lab, script, mib, rate);
+    thread::sleep(SETTLE);
+    let since = now_epoch_s() - 0.5;
+    let started = Instant::now();
+    let out = krg(lab, &["migrate", &job.gpid, "2", "--mode", mode, "--json"]);
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        job.end(lab);
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let report: Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    let deadline = Instant::now() + PAGES_TIMEOUT;
+    while pages_pending(lab, &job.gpid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let all_pages_ms = started.elapsed().as_secs_f64() * 1000.0;
+    thread::sleep(SETTLE);
+    let freeze_ms_job = job.largest_gap_ms(since);
+    job.end(lab);
+    Ok(json!({
+        "freeze_ms_krg": report["freeze_ms"].as_f64().unwrap_or(f64::NAN),
+        "freeze_ms_job": freeze_ms_job,
+        "total_ms_krg": report["total_ms"].as_f64().unwrap_or(f64::NAN),
+        "wall_ms": wall_ms,
+        "all_pages_ms": all_pages_ms,
+        "bytes": report["bytes"].as_f64().unwrap_or(f64::NAN),
+    }))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// `RUNS` moves of a fresh job; prints the medians (and each run's freeze
+/// as the job saw it).
+fn migrations(lab: &Lab, script: &str, mib: u64, rate: u64, mode: &str) {
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        match migration(lab, script, mib, rate, mode) {
+            Ok(sample) => samples.push(sample),
+            Err(error) => {
+                println!(
+                    "{}",
+                    json!({"bench": "migrate", "mib": mib, "rewrite_mib_s": rate, "mode": mode, "error": error})
+                );
+                return;
+            }
+        }
+    }
+    let med = |key: &str| {
+        median(
+            samples
+                .iter()
+                .map(|s| s[key].as_f64().unwrap_or(f64::NAN))
+                .collect(),
+        )
+    };
+    let all_pages_ms = med("all_pages_ms");
+    let bytes = med("bytes");
+    println!(
+        "{}",
+        json!({"bench": "migrate", "mib": mib, "rewrite_mib_s": rate, "mode": mode, "runs": RUNS,
+            "freeze_ms_krg": med("freeze_ms_krg"), "freeze_ms_job": round1(med("freeze_ms_job")),
+            "freeze_ms_job_each": samples.iter().map(|s| round1(s["freeze_ms_job"].as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>(),
+            "total_ms_krg": med("total_ms_krg"), "wall_ms": med("wall_ms").round(),
+            "all_pages_ms": all_pages_ms.round(), "bytes": bytes,
+            "mb_per_s_all_pages": round1(bytes / 1e6 / (all_pages_ms / 1000.0))})
+    );
+}
+
+/// Write back every dirty page, so that each timed write starts from the
+/// same state (a checkpoint's pages would otherwise slow the `cp` after it).
+fn sync() {
+    let out = bounded(Command::new("sync"), COMMAND_TIMEOUT);
+    assert!(out.status.success(), "sync failed");
+}
+
+/// `RUNS` checkpoints of one job (`--leave-running`), each followed by a
+/// `cp -r` of the image it wrote to a sibling directory of the store; the
+/// medians.
+fn checkpoint(lab: &Lab, script: &str, mib: u64) {
+    let job = Job::start(lab, script, mib, 0);
+    thread::sleep(SETTLE);
+    let (mut checkpoint_s, mut cp_s) = (Vec::new(), Vec::new());
+    let (mut bytes, mut copied) = (0, 0);
+    for _ in 0..RUNS {
+        sync();
+        let started = Instant::now();
+        let text = krg_ok(lab, &["checkpoint", &job.gpid, "--leave-running", "--json"]);
+        checkpoint_s.push(started.elapsed().as_secs_f64());
+        let record: Value = serde_json::from_str(&text).expect("checkpoint --json");
+        bytes = record["bytes"].as_u64().expect("bytes");
+        let image = PathBuf::from(record["path"].as_str().expect("path"));
+        let copy = image.with_file_name("cp-bench");
+        let _ = std::fs::remove_dir_all(&copy);
+        sync();
+        let started = Instant::now();
+        let mut cp = Command::new("cp");
+        cp.arg("-r").arg(&image).arg(&copy);
+        let out = bounded(cp, COMMAND_TIMEOUT);
+        cp_s.push(started.elapsed().as_secs_f64());
+        assert!(
+            out.status.success(),
+            "cp: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        copied = dir_bytes(&copy);
+        let _ = std::fs::remove_dir_all(&copy);
+        let _ = std::fs::remove_dir_all(&image);
+    }
+    let gpid = job.gpid.clone();
+    job.end(lab);
+    krg_ok(lab, &["images", "rm", &gpid]);
+    let (checkpoint_s, cp_s) = (median(checkpoint_s), median(cp_s));
+    let checkpoint_mib_s = bytes as f64 / MIB / checkpoint_s;
+    let cp_mib_s = copied as f64 / MIB / cp_s;
+    println!(
+        "{}",
+        json!({"bench": "checkpoint", "mib": mib, "runs": RUNS, "bytes": bytes,
+            "checkpoint_ms": (checkpoint_s * 1000.0).round(), "checkpoint_mib_s": round1(checkpoint_mib_s),
+            "cp_bytes": copied, "cp_ms": (cp_s * 1000.0).round(), "cp_mib_s": round1(cp_mib_s),
+            "checkpoint_speed_vs_cp": (checkpoint_mib_s / cp_mib_s * 100.0).round() / 100.0})
+    );
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("migration: needs root (it builds a lab cluster); skipped");
+        return;
+    }
+    if !Path::new(PYTHON).is_file() {
+        eprintln!("migration: needs {PYTHON}; skipped");
+        return;
+    }
+    let scratch = std::env::temp_dir().join(format!("krg-bench-migration-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let script = scratch.join("migration_memory.py");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/migration_memory.py"),
+        &script,
+    )
+    .expect("copies the workload");
+    let script = script.to_str().expect("utf-8 path").to_string();
+
+    let mut opts = LabOptions::new(format!("mb{}", std::process::id() % 100_000), 3);
+    opts.krgd = Some(env!("CARGO_BIN_EXE_krgd").into());
+    opts.krg = Some(KRG.into());
+    opts.krgd_args = vec!["--load-scope".into(), "cgroup".into()];
+    let lab = Lab::up(opts).expect("lab up");
+    // The first job on a node starts slowly (its cluster view): not measured.
+    for node in ["1", "2", "3"] {
+        krg_ok(&lab, &["run", "--node", node, "true"]);
+    }
+    // Nor are the first moves (CRIU's first runs, cold page cache).
+    for mode in MODES {
+        let _ = migration(&lab, &script, 16, 0, mode);
+    }
+    for mib in SIZES_MIB {
+        for rate in REWRITE_MIB_S {
+            for mode in MODES {
+                migrations(&lab, &script, mib, rate, mode);
+            }
+        }
+    }
+    for mib in SIZES_MIB {
+        checkpoint(&lab, &script, mib);
+    }
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -1,0 +1,1482 @@
+//! Migration and checkpoint/restart of running jobs (issue 4), for real on
+//! 3-node lab clusters with CRIU: a job moved twenty times while `krg run`
+//! reads it (no line lost or doubled, stdin still flowing, the right exit
+//! status); threads, a pipeline and 200 MiB of memory giving after a move
+//! exactly what they give without one; checkpoint, restart on another node
+//! and restart of an older version; refusals (an outside TCP connection,
+//! another user) and a target that dies in the middle of a move.
+//!
+//! Each test makes its own lab (unique name `m<pid>x<n>`, about a second to
+//! build) and runs its cases one after another on it, each case with jobs
+//! of its own, so that no test depends on another's leftovers. Tests are
+//! named `lab_migration_*`, so nextest's `lab` group runs them one at a
+//! time. Without root, CRIU or /usr/bin/python3 they are skipped with a
+//! reason, unless `KRG_REQUIRE_LAB=1` makes that a failure. The programs
+//! the jobs run are `tests/workloads/migration_*`, copied to a scratch
+//! directory every user (and every node: they share this machine's file
+//! system) can read.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use krg::lab::{self, Lab, LabOptions};
+use serde_json::Value;
+
+const KRG: &str = env!("CARGO_BIN_EXE_krg");
+const KRGD: &str = env!("CARGO_BIN_EXE_krgd");
+/// The jobs' interpreter: Debian's, which every user may run (not a
+/// per-user pyenv shim).
+const PYTHON: &str = "/usr/bin/python3";
+/// Longest wait for something that should happen at once.
+const WAIT: Duration = Duration::from_secs(10);
+/// Longest a `krg migrate`, `checkpoint` or `restart` may take (a 200 MiB
+/// stop-mode move takes about a second here).
+const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a job of these tests may run.
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// `setpriv` arguments that make a command run as user 65534 (nobody).
+const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+const NOBODY_UID: u32 = 65534;
+
+// ---------------------------------------------------------------- the lab
+
+fn lab_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "m{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Why this machine cannot run these tests, if it cannot (beyond root and
+/// `ip`, which `require_root_or_skip` checks).
+fn missing_tool() -> Option<String> {
+    if !Path::new(PYTHON).is_file() {
+        return Some(format!("it needs {PYTHON} (Debian python3)"));
+    }
+    let criu = Command::new("criu")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !criu.is_ok_and(|s| s.success()) {
+        return Some("it needs `criu` on PATH (CRIU 4, see docs/criu.md)".into());
+    }
+    if !Path::new("/usr/bin/setpriv").is_file() {
+        return Some("it needs /usr/bin/setpriv (util-linux)".into());
+    }
+    None
+}
+
+/// A lab, and the lock that keeps the other tests of this file from running
+/// beside it under `cargo test` (nextest runs them one at a time anyway):
+/// two labs moving hundreds of MiB on two cores would time each other out.
+struct TestLab {
+    lab: Lab,
+    _alone: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for TestLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+/// A 3-node lab running this build's daemons, or `None` (skipped).
+fn lab_up() -> Option<TestLab> {
+    static ALONE: Mutex<()> = Mutex::new(());
+    let alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    if !lab::require_root_or_skip() {
+        return None;
+    }
+    if let Some(reason) = missing_tool() {
+        assert!(
+            std::env::var("KRG_REQUIRE_LAB").as_deref() != Ok("1"),
+            "migration test cannot run: {reason} (KRG_REQUIRE_LAB=1 makes this a failure)"
+        );
+        eprintln!("skipped: migration test: {reason}");
+        return None;
+    }
+    let options = LabOptions {
+        krgd: Some(KRGD.into()),
+        krg: Some(KRG.into()),
+        krgd_args: vec!["--load-scope".into(), "cgroup".into()],
+        ..LabOptions::new(lab_name(), 3)
+    };
+    let lab = Lab::up(options).expect("the lab comes up");
+    Some(TestLab { lab, _alone: alone })
+}
+
+fn step(what: &str) {
+    eprintln!("--- {what}");
+}
+
+/// A directory under /tmp that every user can read, holding copies of the
+/// workloads (and what the test compiles), removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "krg-migration-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creates a scratch directory");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Scratch(dir)
+    }
+
+    /// Copy tests/workloads/NAME here; returns its path as a string.
+    fn workload(&self, name: &str) -> String {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/workloads")
+            .join(name);
+        let to = self.0.join(name);
+        fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o644)).expect("chmod");
+        to.to_str().expect("utf-8 path").to_string()
+    }
+
+    /// Compile tests/workloads/NAME.c here with `cc -pthread`.
+    fn compile(&self, name: &str) -> String {
+        let source = self.workload(&format!("{name}.c"));
+        let out = self.0.join(name);
+        let built = Command::new("cc")
+            .args(["-O1", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .output()
+            .expect("runs cc");
+        assert!(
+            built.status.success(),
+            "cc {source}: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        out.to_str().expect("utf-8 path").to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+// --------------------------------------------------------- running things
+
+/// Run `command` to its end (at most `timeout`, then it is killed and the
+/// test fails), stdin from /dev/null, capturing its output.
+fn output(mut command: Command, timeout: Duration) -> Output {
+    let what = format!("{command:?}");
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let reader = |mut from: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = from.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = reader(Box::new(child.stdout.take().expect("piped")));
+    let stderr = reader(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// `krg ARGS` on node K as root, from /tmp.
+fn krg_command(lab: &Lab, k: u32, args: &[&str]) -> Command {
+    let mut command = lab.command(k, KRG).expect("the node exists");
+    command.args(args).current_dir("/tmp");
+    command
+}
+
+/// `krg ARGS` on node K as root, to its end (at most `MOVE_TIMEOUT`).
+fn krg(lab: &Lab, k: u32, args: &[&str]) -> Output {
+    output(krg_command(lab, k, args), MOVE_TIMEOUT)
+}
+
+/// `PROGRAM ARGS` on node K as user 65534, from /tmp, to its end.
+fn as_nobody(lab: &Lab, k: u32, program: &str, args: &[&str]) -> Output {
+    let mut command = lab.command(k, "setpriv").expect("the node exists");
+    command
+        .args(AS_NOBODY)
+        .arg(program)
+        .args(args)
+        .current_dir("/tmp");
+    output(command, MOVE_TIMEOUT)
+}
+
+/// `krg ARGS` on node K as user 65534.
+fn krg_as_nobody(lab: &Lab, k: u32, args: &[&str]) -> Output {
+    as_nobody(lab, k, KRG, args)
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "{}; stdout: {:?}; stderr: {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Stdout of a `krg` command that must succeed.
+fn krg_ok(lab: &Lab, k: u32, args: &[&str]) -> String {
+    let out = krg(lab, k, args);
+    assert!(out.status.success(), "krg {args:?}: {}", show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stderr of a `krg` command that must fail.
+fn krg_refused(out: &Output, what: &str) -> String {
+    assert!(
+        !out.status.success(),
+        "{what} should have been refused: {}",
+        show(out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `krg migrate GPID NODE --mode MODE --json` from node K; the report.
+fn migrate(lab: &Lab, k: u32, gpid: &str, target: u32, mode: &str) -> Value {
+    let target = target.to_string();
+    let text = krg_ok(
+        lab,
+        k,
+        &["migrate", gpid, &target, "--mode", mode, "--json"],
+    );
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("`krg migrate --json` printed {text:?}: {e}"))
+}
+
+/// The job `gpid` as `krg ps --json` on node K shows it.
+fn ps_job(lab: &Lab, k: u32, gpid: &str) -> Option<Value> {
+    let text = krg_ok(lab, k, &["ps", "--json"]);
+    match serde_json::from_str(&text) {
+        Ok(Value::Array(jobs)) => jobs.into_iter().find(|j| j["gpid"] == gpid),
+        _ => panic!("`krg ps --json` on node {k} printed {text:?}"),
+    }
+}
+
+/// Wait until `krg ps --json` on node K shows job `gpid` running on
+/// node `at`.
+fn wait_running_on(lab: &Lab, k: u32, gpid: &str, at: u32) {
+    lab::wait_until(
+        WAIT,
+        &format!("job {gpid} running on node {at} (krg ps on node {k})"),
+        || match ps_job(lab, k, gpid) {
+            Some(job) if job["state"] == "running" && job["node"] == at => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap();
+}
+
+/// Wait until the detached job `gpid` has logged a line: its command runs
+/// (see `lab_migration_just_started_job` for why the tests wait for that).
+fn wait_logged(lab: &Lab, gpid: &str) {
+    lab::wait_until(WAIT, &format!("a line in job {gpid}'s log"), || {
+        let out = krg(lab, 1, &["logs", gpid]);
+        if out.status.success() && !out.stdout.is_empty() {
+            Ok(())
+        } else {
+            Err(show(&out))
+        }
+    })
+    .unwrap();
+}
+
+/// A `krg run` held by the test: its stdin piped (or /dev/null), its
+/// stdout read line by line with the time each line arrived.
+struct Client {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<(Instant, String)>,
+    seen: Vec<String>,
+    last_line_at: Instant,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    status: Option<ExitStatus>,
+}
+
+impl Client {
+    /// `krg run -T --node NODE ARGS` on node 1, as root.
+    fn run(lab: &Lab, node: u32, args: &[&str], stdin: bool) -> Client {
+        let mut command = lab.command(1, KRG).expect("node 1");
+        command
+            .args(["run", "-T", "--node", &node.to_string()])
+            .args(args)
+            .current_dir("/tmp")
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() });
+        Client::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Client {
+        let what = format!("{command:?}");
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("not poisoned")
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        Client {
+            what,
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+            last_line_at: Instant::now(),
+            stderr,
+            status: None,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().expect("not poisoned")).into_owned()
+    }
+
+    fn write_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is piped");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: cannot write its stdin: {e}", self.what));
+    }
+
+    fn take(&mut self, (at, line): (Instant, String)) {
+        self.last_line_at = at;
+        self.seen.push(line);
+    }
+
+    /// Lines that have arrived so far (not waiting).
+    fn drain(&mut self) -> &[String] {
+        while let Ok(item) = self.lines.try_recv() {
+            self.take(item);
+        }
+        &self.seen
+    }
+
+    /// Wait (at most `timeout`) for the next line matching `want`.
+    fn expect_line(
+        &mut self,
+        want: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(item) => {
+                    let line = item.1.clone();
+                    self.take(item);
+                    if want(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no line {what} within {timeout:?}; last lines: {:?}; stderr: {:?}",
+                    self.what,
+                    tail(&self.seen),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The gpid the job prints first (`gpid G`).
+    fn gpid(&mut self) -> String {
+        self.expect_line(|l| l.starts_with("gpid "), "gpid G", WAIT)
+            .trim_start_matches("gpid ")
+            .to_string()
+    }
+
+    /// Wait until the job has printed a number of at least `n`.
+    fn expect_count(&mut self, n: u64) -> u64 {
+        let line = self.expect_line(
+            |l| l.parse::<u64>().is_ok_and(|v| v >= n),
+            &format!("with a number >= {n}"),
+            WAIT,
+        );
+        line.parse().expect("a number")
+    }
+
+    /// Wait until no line has come for `quiet` (at most `timeout`).
+    fn wait_quiet(&mut self, quiet: Duration, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lines.recv_timeout(quiet) {
+                Ok(item) => self.take(item),
+                Err(_) => return,
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: still printing after {timeout:?}",
+                self.what
+            );
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status.is_none()
+    }
+
+    /// Wait for `krg run` to end (at most `timeout`); every line it printed.
+    /// Closes its stdin first (an end of stdin racing the end of the job
+    /// must not change its exit status).
+    fn finish(&mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        self.stdin = None;
+        let deadline = Instant::now() + timeout;
+        while self.alive() {
+            if Instant::now() >= deadline {
+                let _ = self.drain();
+                panic!(
+                    "{} did not end within {timeout:?}; last lines: {:?}; stderr: {:?}",
+                    self.what,
+                    tail(&self.seen),
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        loop {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(item) => self.take(item),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("{}: stdout still open {WAIT:?} after its end", self.what)
+                }
+            }
+        }
+        (self.status.expect("ended"), self.seen.clone())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn tail(lines: &[String]) -> &[String] {
+    &lines[lines.len().saturating_sub(20)..]
+}
+
+/// The numbers among `lines`, in the order they came.
+fn numbers(lines: &[String]) -> Vec<u64> {
+    lines.iter().filter_map(|l| l.parse().ok()).collect()
+}
+
+/// Fail unless `seq` is `first, first+1, ...` with nothing missing or
+/// repeated; says where it first goes wrong.
+fn assert_consecutive(seq: &[u64], first: u64, what: &str) {
+    for (i, &n) in seq.iter().enumerate() {
+        let want = first + i as u64;
+        if n != want {
+            let from = i.saturating_sub(5);
+            panic!(
+                "{what}: number {i} is {n}, expected {want} (a line lost or repeated); around it: {:?}",
+                &seq[from..(i + 5).min(seq.len())]
+            );
+        }
+    }
+}
+
+/// Whether node K has a job cgroup that is frozen (or freezing).
+fn job_frozen(lab: &Lab, k: u32) -> bool {
+    let mut todo: Vec<PathBuf> = lab.cgroup_dirs(k);
+    while let Some(dir) = todo.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("job-") {
+                let v1 = fs::read_to_string(path.join("freezer.state")).unwrap_or_default();
+                let v2 = fs::read_to_string(path.join("cgroup.freeze")).unwrap_or_default();
+                if v1.contains("FROZEN") || v1.contains("FREEZING") || v2.trim() == "1" {
+                    return true;
+                }
+            }
+            todo.push(path);
+        }
+    }
+    false
+}
+
+fn exit_code(status: ExitStatus, what: &str, client: &Client) -> i32 {
+    status.code().unwrap_or_else(|| {
+        panic!(
+            "{what}: krg run was killed by a signal ({status}); stderr: {:?}",
+            client.stderr()
+        )
+    })
+}
+
+// ================================================================= tests
+
+/// Goal: a job moved twenty times in a row while `krg run` reads it loses
+/// and repeats nothing, keeps reading its stdin, shows its new node in
+/// `krg ps` after each move, and gives `krg run` its exit status at the end
+/// (its own code, or 143 when `krg kill`ed). Method: the ticker workload
+/// (a number every 10 ms, stdin lines echoed) under `krg run -T --node 1`
+/// on node 1 with stdin piped; migrated 1 → 2 → 3 → 1 ... twenty times,
+/// alternating `--mode stop` and `lazy`, each `krg migrate` issued from
+/// another node, `krg ps --json` checked right after each, a stdin line
+/// written after each move and its echo awaited (and before every fourth
+/// move one more, likely still unread when the job freezes); then `exit 7`
+/// on its stdin. Every number must arrive exactly once, in
+/// order. A second ticker is moved twice and then killed.
+#[test]
+fn lab_migration_sequence_survives_twenty_moves() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("seq");
+    let ticker = scratch.workload("migration_ticker.py");
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {ticker}");
+
+    step("a ticker on node 1, read by krg run on node 1");
+    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let gpid = job.gpid();
+    job.expect_count(20);
+    let mut at = 1;
+    let mut freeze_ms = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..20u32 {
+        let target = at % 3 + 1;
+        let mode = if i % 2 == 0 { "stop" } else { "lazy" };
+        let from = i % 3 + 1;
+        step(&format!(
+            "move {}: node {at} -> {target} ({mode}), asked on node {from}",
+            i + 1
+        ));
+        let before = job.drain().len();
+        if i % 4 == 3 {
+            // Likely still unread (in the deputy, the relay or the pipe)
+            // when the job freezes: it must be carried, not lost.
+            let line = format!("pre-{}", i + 1);
+            job.write_line(&line);
+            sent.push(line);
+        }
+        let report = migrate(&lab, from, &gpid, target, mode);
+        assert_eq!(report["source"], at, "report {report}");
+        assert_eq!(report["target"], target, "report {report}");
+        assert_eq!(report["mode"], mode, "report {report}");
+        freeze_ms.push(report["freeze_ms"].as_u64().expect("freeze_ms"));
+        at = target;
+        let shown = ps_job(&lab, from, &gpid).expect("the job is listed");
+        assert_eq!(
+            (&shown["node"], &shown["state"]),
+            (&Value::from(at), &Value::from("running")),
+            "`krg ps --json` on node {from} right after move {}: {shown}",
+            i + 1
+        );
+        let line = format!("line-{}", i + 1);
+        job.write_line(&line);
+        sent.push(line.clone());
+        job.expect_line(
+            |l| l == format!("echo {line}"),
+            &format!("echo {line}"),
+            WAIT,
+        );
+        let last = numbers(job.drain()).last().copied().unwrap_or(0);
+        job.expect_count(last + 5);
+        assert!(
+            job.drain().len() > before,
+            "no new line after move {}",
+            i + 1
+        );
+    }
+    eprintln!("freeze times (ms) reported by krg migrate: {freeze_ms:?}");
+
+    step("stdin after the moves, then `exit 7`");
+    for line in ["after-a", "after-b", "after-c"] {
+        job.write_line(line);
+        sent.push(line.to_string());
+        job.expect_line(|l| l == format!("echo {line}"), line, WAIT);
+    }
+    job.write_line("exit 7");
+    let (status, lines) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "exit 7", &job),
+        7,
+        "stderr: {:?}",
+        job.stderr()
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("bye"),
+        "{:?}",
+        tail(&lines)
+    );
+    assert_eq!(job.stderr(), "", "krg run's stderr");
+    let seq = numbers(&lines);
+    assert_consecutive(&seq, 0, "the ticker's numbers through 20 moves");
+    let echoes: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("echo "))
+        .collect();
+    assert_eq!(echoes, sent, "each stdin line echoed once, in order");
+    eprintln!(
+        "{} numbers, {} echoes, all in order",
+        seq.len(),
+        echoes.len()
+    );
+
+    step("a second ticker, moved twice, then krg kill");
+    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let gpid = job.gpid();
+    job.expect_count(10);
+    migrate(&lab, 1, &gpid, 2, "lazy");
+    wait_running_on(&lab, 1, &gpid, 2);
+    migrate(&lab, 3, &gpid, 3, "stop");
+    wait_running_on(&lab, 1, &gpid, 3);
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    job.expect_count(last + 10);
+    krg_ok(&lab, 2, &["kill", &gpid]);
+    let (status, lines) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "krg kill", &job),
+        143,
+        "stderr: {:?}",
+        job.stderr()
+    );
+    assert_consecutive(&numbers(&lines), 0, "the second ticker's numbers");
+}
+
+/// Goal: `krg migrate` may be called again as soon as a move has returned:
+/// the job is never "not found" in between, and nothing of its output is
+/// lost. Method: the ticker under `krg run` on node 1; 90 moves around the
+/// three nodes, each `krg migrate` (from node 1, the job's home) issued the
+/// moment the previous one has returned, alternating stop and lazy; then
+/// every number once, in order.
+#[test]
+fn lab_migration_back_to_back_moves() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("b2b");
+    let ticker = scratch.workload("migration_ticker.py");
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {ticker}");
+    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let gpid = job.gpid();
+    job.expect_count(10);
+    let mut at = 1;
+    for i in 0..90u32 {
+        let target = at % 3 + 1;
+        let mode = if i % 2 == 0 { "stop" } else { "lazy" };
+        let mode_arg = format!("--mode={mode}");
+        let out = krg(&lab, 1, &["migrate", &gpid, &target.to_string(), &mode_arg]);
+        assert!(
+            out.status.success(),
+            "move {} (node {at} -> {target}, {mode}), right after the previous one: {}",
+            i + 1,
+            show(&out)
+        );
+        at = target;
+    }
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    job.expect_count(last + 10);
+    job.write_line("exit 0");
+    let (status, lines) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "exit 0", &job),
+        0,
+        "stderr: {:?}",
+        job.stderr()
+    );
+    assert_consecutive(&numbers(&lines), 0, "the ticker's numbers through 90 moves");
+}
+
+/// One program run without and with migrations: its output must match.
+struct Program<'a> {
+    name: &'a str,
+    argv: Vec<String>,
+    /// What of its output to compare (the memory job's timestamps vary).
+    keep: fn(&str) -> bool,
+}
+
+/// Run `program` on node 1 to its end, moving it (stop 1 → 2, then lazy
+/// 2 → 3) once it has printed `ready` when `moves` is set; its exit
+/// status and its output.
+fn run_program(lab: &Lab, program: &Program, moves: bool) -> (i32, Vec<String>) {
+    let mut args: Vec<&str> = vec!["sh", "-c", "echo gpid $KRG_GPID; exec \"$@\"", "sh"];
+    args.extend(program.argv.iter().map(String::as_str));
+    let mut job = Client::run(lab, 1, &args, false);
+    let gpid = job.gpid();
+    job.expect_line(|l| l.starts_with("ready"), "ready", JOB_TIMEOUT);
+    if moves {
+        for (target, mode) in [(2, "stop"), (3, "lazy")] {
+            let report = migrate(lab, 1, &gpid, target, mode);
+            eprintln!("{}: {report}", program.name);
+            assert!(
+                job.alive(),
+                "{}: ended before the move to node {target} was over: the move came too late to test anything",
+                program.name
+            );
+            wait_running_on(lab, 1, &gpid, target);
+            thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let (status, lines) = job.finish(JOB_TIMEOUT);
+    let code = exit_code(status, program.name, &job);
+    assert_eq!(job.stderr(), "", "{}: krg run's stderr", program.name);
+    let kept = lines
+        .into_iter()
+        .filter(|l| !l.starts_with("gpid "))
+        .filter(|l| (program.keep)(l))
+        .collect();
+    (code, kept)
+}
+
+/// Goal: a multi-threaded program, a process tree with a pipeline and a
+/// Python process holding 200 MiB each give after migration exactly what
+/// they give without it. Method: each runs once on node 1 unmoved, then
+/// again moved twice while it works (stop 1 → 2, lazy 2 → 3, as soon as it
+/// prints `ready`): same exit status, same output. The programs: 8 threads
+/// adding into 16 shared counters under a mutex and an atomic total
+/// (migration_threads.c, about 2 s); `seq | while read; sleep | awk |
+/// sha256sum` (about 4 s); migration_memory.py with 200 MiB, rewriting
+/// 10 MiB/s of it for 400 ticks of 10 ms, then printing its sha256.
+#[test]
+fn lab_migration_programs_give_the_same_output() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("same");
+    let threads = scratch.compile("migration_threads");
+    let memory = scratch.workload("migration_memory.py");
+    let pipeline = "echo ready; seq 1 300 | while read x; do echo $x $((x * x)); sleep 0.01; done \
+                    | awk '{ s += $2; print $1, s }' | sha256sum";
+    let programs = [
+        Program {
+            name: "8 threads",
+            argv: vec![threads],
+            keep: |_| true,
+        },
+        Program {
+            name: "pipeline",
+            argv: vec!["sh".into(), "-c".into(), pipeline.into()],
+            keep: |_| true,
+        },
+        Program {
+            name: "200 MiB",
+            argv: [PYTHON, memory.as_str(), "200", "10", "400"]
+                .map(String::from)
+                .to_vec(),
+            keep: |l| !l.starts_with("t "),
+        },
+    ];
+    for program in &programs {
+        step(&format!("{}: unmoved", program.name));
+        let (code, expected) = run_program(&lab, program, false);
+        assert_eq!(code, 0, "{} unmoved: {expected:?}", program.name);
+        assert!(
+            expected.len() >= 2,
+            "{} unmoved: {expected:?}",
+            program.name
+        );
+        step(&format!("{}: moved twice", program.name));
+        let (code, moved) = run_program(&lab, program, true);
+        assert_eq!(code, 0, "{} moved: {moved:?}", program.name);
+        assert_eq!(moved, expected, "{}: output after moves", program.name);
+    }
+}
+
+/// Goal: a checkpointed job continues where it was, wherever it is
+/// restarted: `krg run` still waiting on it gets the rest of its output and
+/// its exit status; an older version can be restarted after a newer one
+/// exists (its output then goes to the job log, the deputy being gone); a
+/// job still running cannot be restarted. Method: the ticker limited to
+/// 400 numbers (then exit status 3) under `krg run` on node 1; checkpoint
+/// `--leave-running` (version 1) near 50, checkpoint `--kill` (version 2)
+/// near 150, `krg restart` on node 2: the next number is the one after the
+/// last seen, a stdin line is echoed, `krg run` sees 0..399 once each and
+/// exits 3. Then `krg restart G@v1 --node 3`: `krg restart G@v2` is refused
+/// while it runs, `krg wait` gives 3 and `krg logs` ends with the numbers
+/// from version 1's point to 399.
+#[test]
+fn lab_migration_checkpoint_kill_and_restart() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("ckpt");
+    let ticker = scratch.workload("migration_ticker.py");
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {ticker} 400");
+
+    step("a ticker of 400 numbers under krg run on node 1");
+    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let gpid = job.gpid();
+    let low_v1 = job.expect_count(50);
+
+    step("checkpoint --leave-running: version 1");
+    let text = krg_ok(&lab, 2, &["checkpoint", &gpid, "--leave-running", "--json"]);
+    let v1: Value = serde_json::from_str(&text).expect("checkpoint --json");
+    assert_eq!(v1["version"], 1, "{v1}");
+    assert!(v1["bytes"].as_u64().unwrap_or(0) > 0, "{v1}");
+    let path = v1["path"].as_str().expect("path").to_string();
+    assert!(
+        Path::new(&path).join("krg.meta").is_file(),
+        "{path}/krg.meta"
+    );
+    let after_v1 = numbers(job.drain()).last().copied().unwrap_or(0);
+    job.expect_count(after_v1 + 5);
+    wait_running_on(&lab, 1, &gpid, 1);
+
+    step("checkpoint --kill: version 2; krg run keeps waiting");
+    job.expect_count(150);
+    let text = krg_ok(&lab, 1, &["checkpoint", &gpid, "--kill", "--json"]);
+    let v2: Value = serde_json::from_str(&text).expect("checkpoint --json");
+    assert_eq!(v2["version"], 2, "{v2}");
+    job.wait_quiet(Duration::from_millis(500), WAIT);
+    let saved = numbers(&job.seen).last().copied().expect("numbers before");
+    assert!(
+        job.alive(),
+        "krg run ended with the checkpoint: {:?}",
+        job.stderr()
+    );
+    let shown = ps_job(&lab, 3, &gpid).expect("the checkpointed job is listed");
+    assert_eq!(
+        shown["state"], "checkpointed",
+        "after checkpoint --kill: {shown}"
+    );
+    let images = krg_ok(&lab, 3, &["images", &gpid, "--json"]);
+    let images: Value = serde_json::from_str(&images).expect("images --json");
+    let versions: Vec<u64> = images
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|r| r["version"].as_u64())
+        .collect();
+    assert_eq!(versions.len(), 2, "krg images {gpid}: {images}");
+    assert!(versions.contains(&1) && versions.contains(&2), "{images}");
+
+    step("restart on node 2: it goes on from where it was");
+    let said = krg_ok(&lab, 1, &["restart", &gpid, "--node", "2"]);
+    assert_eq!(
+        said.trim(),
+        format!("restarted {gpid} from version 2 on node 2")
+    );
+    let next = job.expect_count(0);
+    assert_eq!(next, saved + 1, "the first number after the restart");
+    wait_running_on(&lab, 1, &gpid, 2);
+    job.write_line("after-restart");
+    job.expect_line(|l| l == "echo after-restart", "echo after-restart", WAIT);
+    let (status, lines) = job.finish(JOB_TIMEOUT);
+    assert_eq!(
+        exit_code(status, "restarted ticker", &job),
+        3,
+        "stderr: {:?}",
+        job.stderr()
+    );
+    let seq = numbers(&lines);
+    assert_consecutive(
+        &seq,
+        0,
+        "the ticker's numbers through two checkpoints and a restart",
+    );
+    assert_eq!(seq.last(), Some(&399), "{:?}", tail(&lines));
+
+    step("restart version 1 on node 3: its output goes to the job log");
+    let said = krg_ok(&lab, 2, &["restart", &format!("{gpid}@v1"), "--node", "3"]);
+    assert_eq!(
+        said.trim(),
+        format!("restarted {gpid} from version 1 on node 3")
+    );
+    wait_running_on(&lab, 1, &gpid, 3);
+
+    step("restarting it again while it runs is refused");
+    let out = krg(&lab, 1, &["restart", &format!("{gpid}@v2"), "--node", "1"]);
+    let err = krg_refused(&out, "restart of a running job");
+    assert_eq!(
+        err,
+        format!(
+            "krg: job {gpid} is still running on node 3: a job runs once (krg kill it, or checkpoint it with --kill)\n"
+        )
+    );
+    wait_running_on(&lab, 1, &gpid, 3);
+
+    step("krg wait and krg logs");
+    let out = output(krg_command(&lab, 1, &["wait", &gpid]), JOB_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "krg wait {gpid}: {}",
+        show(&out)
+    );
+    let log = krg_ok(&lab, 3, &["logs", &gpid]);
+    let logged: Vec<String> = log.lines().map(str::to_string).collect();
+    let seq = numbers(&logged);
+    // The run of consecutive numbers at the end of the log is version 1's.
+    let mut start = seq.len();
+    while start > 0 && (start == seq.len() || seq[start - 1] + 1 == seq[start]) {
+        start -= 1;
+    }
+    let resumed = &seq[start..];
+    assert_eq!(
+        resumed.last(),
+        Some(&399),
+        "krg logs {gpid}: {:?}",
+        tail(&logged)
+    );
+    let first = resumed[0];
+    assert!(
+        first > low_v1 && first <= saved,
+        "version 1 resumed at {first}: it was taken after {low_v1} was printed and before {saved}"
+    );
+    assert_consecutive(resumed, first, "version 1's numbers in the log");
+    assert!(
+        !log.contains("echo after-restart"),
+        "version 1 is older than that line"
+    );
+}
+
+/// Goal: a job that cannot move is refused before anything is frozen, with
+/// a sentence naming the obstacle, and goes on untouched; a target that
+/// dies in the middle of a move leaves the job running on the source.
+/// Method: (1) a Python job on node 1 holding a TCP connection to a
+/// listener the test opens in node 2's namespace: `krg migrate` and `krg
+/// checkpoint` fail with `it holds a TCP connection to ADDR:PORT`; its
+/// numbers keep coming, consecutive, and `krg ps` shows node 1. (2) the
+/// memory workload with 200 MiB on node 1 under `krg run`; `krg migrate
+/// --mode stop` to node 2 in a thread; as soon as the job's cgroup is seen
+/// frozen (or its output stops for 100 ms), `lab.kill(2)`: the migration
+/// fails saying the job goes on on node 1, its timestamps come again,
+/// `krg ps` shows it running on node 1, and `krg kill` ends it with 143;
+/// then node 2 is restarted and killed again, this time as soon as a `criu`
+/// (its restore) runs in its cgroups.
+#[test]
+fn lab_migration_refused_tcp_and_dead_target() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("fail");
+    let memory = scratch.workload("migration_memory.py");
+
+    step("a job holding a TCP connection to node 2 is refused");
+    let addr = lab.addr(2).expect("node 2's address");
+    let listener = lab
+        .in_node(2, || std::net::TcpListener::bind((addr, 0)))
+        .expect("node 2")
+        .expect("a listener in node 2");
+    let port = listener.local_addr().expect("bound").port();
+    let client = "import os, socket, sys, time\n\
+                  s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n\
+                  i = 0\n\
+                  while True:\n    os.write(1, b'%d\\n' % i)\n    i += 1\n    time.sleep(0.01)\n";
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} -c \"$0\" {addr} {port}");
+    let mut job = Client::run(&lab, 1, &["sh", "-c", &script, client], false);
+    let gpid = job.gpid();
+    job.expect_count(10);
+    let (_peer, _) = listener.accept().expect("the job connects");
+    let out = krg(&lab, 1, &["migrate", &gpid, "2"]);
+    let err = krg_refused(&out, "migration of a job with a TCP connection");
+    assert_eq!(
+        err,
+        format!("krg: cannot migrate job {gpid}: it holds a TCP connection to {addr}:{port}\n")
+    );
+    let out = krg(&lab, 3, &["checkpoint", &gpid, "--kill"]);
+    let err = krg_refused(&out, "checkpoint of a job with a TCP connection");
+    assert!(
+        err.contains(&format!("it holds a TCP connection to {addr}:{port}")),
+        "checkpoint refused with {err:?}"
+    );
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    job.expect_count(last + 20);
+    wait_running_on(&lab, 2, &gpid, 1);
+    krg_ok(&lab, 1, &["kill", &gpid]);
+    let (status, lines) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "tcp job", &job),
+        143,
+        "stderr: {:?}",
+        job.stderr()
+    );
+    assert_consecutive(&numbers(&lines), 0, "the TCP job's numbers");
+
+    step("node 2 killed while a 200 MiB job is dumped for it");
+    move_to_dying_node(&lab, &memory, KillWhen::Frozen);
+    lab.start(2).expect("node 2 restarts");
+    wait_all_up(&lab);
+    step("node 2 killed while it restores a 200 MiB job");
+    move_to_dying_node(&lab, &memory, KillWhen::Restoring);
+}
+
+/// When `move_to_dying_node` kills the target.
+#[derive(Clone, Copy, Debug)]
+enum KillWhen {
+    /// Once the job is frozen on the source (its dump under way).
+    Frozen,
+    /// Once a `criu` runs in the target's cgroups (its restore under way).
+    Restoring,
+}
+
+/// The memory workload (200 MiB) under `krg run` on node 1, moved to node
+/// 2 in stop mode while node 2 is killed at `when`: the move must fail
+/// saying the job goes on on node 1, and it must (new timestamps, `krg ps`),
+/// until `krg kill` ends it with 143.
+fn move_to_dying_node(lab: &Lab, memory: &str, when: KillWhen) {
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 200");
+    let mut job = Client::run(lab, 1, &["sh", "-c", &script], false);
+    let gpid = job.gpid();
+    job.expect_line(|l| l.starts_with("ready"), "ready", WAIT);
+    job.expect_line(|l| l.starts_with("t "), "a timestamp", WAIT);
+    let mover = {
+        let command = krg_command(lab, 1, &["migrate", &gpid, "2", "--mode", "stop"]);
+        thread::spawn(move || output(command, MOVE_TIMEOUT))
+    };
+    let started = Instant::now();
+    let mut seen = false;
+    while started.elapsed() < MOVE_TIMEOUT && !mover.is_finished() {
+        let _ = job.drain();
+        seen = match when {
+            KillWhen::Frozen => {
+                job_frozen(lab, 1) || job.last_line_at.elapsed() >= Duration::from_millis(100)
+            }
+            KillWhen::Restoring => criu_running(lab, 2),
+        };
+        if seen {
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert!(seen, "{when:?} was never seen while `krg migrate` ran");
+    eprintln!("{when:?} {:?} after krg migrate started", started.elapsed());
+    lab.kill(2).expect("kill node 2");
+    let out = mover.join().expect("the migrate thread");
+    let err = krg_refused(&out, "a move to a node that died");
+    eprintln!("krg migrate said: {}", err.trim());
+    assert!(
+        err.contains(&format!("cannot migrate job {gpid}")) && err.contains("goes on on node 1"),
+        "krg migrate said {err:?}; node 1's log ends: {}",
+        log_about(lab, 1, &gpid)
+    );
+    let seen = job.drain().len();
+    job.expect_line(
+        |l| l.starts_with("t "),
+        "a timestamp after the failed move",
+        WAIT,
+    );
+    assert!(job.seen.len() > seen);
+    wait_running_on(lab, 1, &gpid, 1);
+    let t0 = job.seen.iter().filter(|l| l.starts_with("t ")).count();
+    thread::sleep(Duration::from_millis(300));
+    let t1 = job.drain().iter().filter(|l| l.starts_with("t ")).count();
+    assert!(t1 > t0 + 5, "its timestamps come again ({t0} then {t1})");
+    krg_ok(lab, 1, &["kill", &gpid]);
+    let (status, _) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "200 MiB job", &job),
+        143,
+        "stderr: {:?}",
+        job.stderr()
+    );
+}
+
+/// Whether a process named `criu` runs in node K's cgroups.
+fn criu_running(lab: &Lab, k: u32) -> bool {
+    let mut todo: Vec<PathBuf> = lab.cgroup_dirs(k);
+    while let Some(dir) = todo.pop() {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let comm = fs::read_to_string(format!("/proc/{}/comm", pid.trim())).unwrap_or_default();
+            if comm.trim() == "criu" {
+                return true;
+            }
+        }
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(entry.path());
+            }
+        }
+    }
+    false
+}
+
+/// Wait until `krg nodes` on node 1 shows every node up.
+fn wait_all_up(lab: &Lab) {
+    lab::wait_until(Duration::from_secs(30), "every node up", || {
+        let nodes = lab.nodes_json(1).map_err(|e| format!("{e:#}"))?;
+        let all_up = nodes
+            .as_array()
+            .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["state"] == "up"));
+        if all_up {
+            Ok(())
+        } else {
+            Err(nodes.to_string())
+        }
+    })
+    .unwrap();
+}
+
+/// Goal: a target that dies during the post-copy phase of a lazy move
+/// (the job already runs there, part of its memory still on the source)
+/// does not lose the job: it goes on on the source (never lost, never
+/// running twice). Method: the memory workload with 400 MiB on node 1 under
+/// `krg run`; `krg migrate --mode lazy` to node 2 returns once the job runs
+/// there; while the source still serves pages (its `criu dump` holds them
+/// and its images directory `migrate-*` is still there), `lab.kill(2)`: `krg run` must not end, new timestamps must come,
+/// and `krg ps` must show the job running on node 1.
+#[test]
+fn lab_migration_target_dies_during_post_copy() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("postcopy");
+    let memory = scratch.workload("migration_memory.py");
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 400");
+    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], false);
+    let gpid = job.gpid();
+    job.expect_line(|l| l.starts_with("ready"), "ready", WAIT);
+    job.expect_line(|l| l.starts_with("t "), "a timestamp", WAIT);
+
+    step("lazy move to node 2, then node 2 killed while pages still move");
+    // `krg migrate` answers once every page has moved: kill node 2 while
+    // the command still runs and the job already runs there (its body is
+    // registered on node 2: the view there lists its capabilities).
+    let mut cmd = lab.command(1, env!("CARGO_BIN_EXE_krg")).expect("node 1");
+    cmd.args(["migrate", &gpid, "2", "--mode", "lazy"]);
+    let moving = std::thread::spawn(move || cmd.output().expect("krg migrate"));
+    let caps = lab
+        .state_dir(2)
+        .parent()
+        .expect("node dir")
+        .join("view/jobs")
+        .join(&gpid)
+        .join("caps");
+    lab::wait_until(WAIT, "the job restored on node 2", || {
+        if caps.exists() {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .unwrap();
+    let serving = post_copy_running(&lab, &gpid);
+    lab.kill(2).expect("kill node 2");
+    assert!(
+        serving,
+        "the post-copy was over before node 2 was killed: nothing tested"
+    );
+    let out = moving.join().expect("migrate thread");
+    assert!(!out.status.success(), "the move must fail: {}", show(&out));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+
+    step("the job goes on, on node 1");
+    let seen = job.drain().len();
+    lab::wait_until(WAIT, "a timestamp after node 2 died", || {
+        let fresh = job.drain()[seen..].iter().any(|l| l.starts_with("t "));
+        match (fresh, job.alive()) {
+            (true, _) => Ok(()),
+            (false, true) => Err("none yet".to_string()),
+            (false, false) => Err(format!("krg run ended: {:?}", job.stderr())),
+        }
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}; last lines: {:?}; node 1's log ends: {}",
+            tail(&job.seen),
+            log_about(&lab, 1, &gpid)
+        )
+    });
+    wait_running_on(&lab, 1, &gpid, 1);
+    krg_ok(&lab, 1, &["kill", &gpid]);
+    let (status, _) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "400 MiB job", &job),
+        143,
+        "stderr: {:?}",
+        job.stderr()
+    );
+}
+
+/// Whether a lazy move of `gpid` still serves pages: its source keeps the
+/// migration's images directory (`<store>/<home>-<seq>/migrate-<ms>`)
+/// until the last page has left.
+fn post_copy_running(lab: &Lab, gpid: &str) -> bool {
+    let dir = lab.images_dir().join(gpid.replace(':', "-"));
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("migrate-"))
+}
+
+/// The last lines of node K's daemon log about job `gpid` or CRIU, for
+/// messages.
+fn log_about(lab: &Lab, k: u32, gpid: &str) -> String {
+    let text = fs::read_to_string(lab.log(k)).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains(gpid) || l.contains("criu") || l.contains("migrat") || l.contains("restor")
+        })
+        .collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Goal: only a job's owner (or root) may migrate, checkpoint or restart
+/// it, or see and read its images. Method: a ticker of root's, detached on
+/// node 2, checkpointed by root (version 1): user 65534 gets `permission
+/// denied` from `krg migrate`, `krg checkpoint` (all three kinds), `krg
+/// restart` and `krg images rm`, `krg images` as that user lists none of
+/// root's images, and the image directories are 0700 and root's (`ls` and
+/// `cat` of its files fail for that user); the job runs on on node 2.
+#[test]
+fn lab_migration_other_user_is_refused() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("user");
+    let ticker = scratch.workload("migration_ticker.py");
+
+    step("root's job on node 2, checkpointed by root");
+    let gpid = krg_ok(&lab, 1, &["run", "-d", "--node", "2", PYTHON, &ticker]);
+    let gpid = gpid.trim().to_string();
+    wait_running_on(&lab, 1, &gpid, 2);
+    wait_logged(&lab, &gpid);
+    let text = krg_ok(&lab, 1, &["checkpoint", &gpid, "--json"]);
+    let v1: Value = serde_json::from_str(&text).expect("checkpoint --json");
+    let version_dir = PathBuf::from(v1["path"].as_str().expect("path"));
+
+    step("user 65534 may not move, save or restart it");
+    let denied = format!("krg: permission denied: job {gpid} belongs to root\n");
+    for args in [
+        vec!["migrate", gpid.as_str(), "3"],
+        vec!["migrate", gpid.as_str(), "1", "--mode", "stop"],
+        vec!["checkpoint", gpid.as_str()],
+        vec!["checkpoint", gpid.as_str(), "--kill"],
+        vec!["checkpoint", gpid.as_str(), "--stop"],
+        vec!["restart", gpid.as_str(), "--node", "3"],
+        vec!["images", "rm", gpid.as_str()],
+    ] {
+        let out = krg_as_nobody(&lab, 1, &args);
+        let err = krg_refused(&out, &format!("`krg {}` by user 65534", args.join(" ")));
+        assert_eq!(err, denied, "krg {args:?} as user 65534");
+    }
+    wait_running_on(&lab, 3, &gpid, 2);
+
+    step("nor see or read its images");
+    for args in [
+        vec!["images", "--json"],
+        vec!["images", gpid.as_str(), "--json"],
+    ] {
+        let out = krg_as_nobody(&lab, 3, &args);
+        assert!(out.status.success(), "krg {args:?}: {}", show(&out));
+        let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(list, Value::Array(vec![]), "krg {args:?} as user 65534");
+    }
+    let job_dir = version_dir.parent().expect("the job's image directory");
+    for dir in [job_dir, version_dir.as_path()] {
+        let meta = fs::metadata(dir).expect("image directory");
+        assert_eq!(meta.mode() & 0o777, 0o700, "mode of {}", dir.display());
+        assert_eq!(meta.uid(), 0, "owner of {}", dir.display());
+    }
+    let meta_file = version_dir.join("krg.meta");
+    for (program, path) in [("ls", version_dir.as_path()), ("cat", meta_file.as_path())] {
+        let out = as_nobody(&lab, 1, program, &[path.to_str().expect("utf-8")]);
+        assert!(
+            !out.status.success(),
+            "{program} {} as user 65534: {}",
+            path.display(),
+            show(&out)
+        );
+    }
+    krg_ok(&lab, 1, &["kill", &gpid]);
+}
+
+/// Goal: a user other than root may checkpoint, migrate and restart their
+/// own jobs, and their images belong to them (0700). Method: a ticker run
+/// detached by user 65534 on node 1; as that user: `krg checkpoint`
+/// (version 1, its directories 0700 and 65534's, listed by `krg images`
+/// for that user), `krg migrate` to node 3, `krg checkpoint --kill` and
+/// `krg restart` on node 2, then `krg kill`.
+#[test]
+fn lab_migration_user_moves_own_job() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("own");
+    let ticker = scratch.workload("migration_ticker.py");
+
+    step("user 65534's own job: checkpoint allowed, images its own");
+    let out = krg_as_nobody(&lab, 1, &["run", "-d", "--node", "1", PYTHON, &ticker]);
+    assert!(
+        out.status.success(),
+        "krg run -d as user 65534: {}",
+        show(&out)
+    );
+    let own = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    wait_running_on(&lab, 1, &own, 1);
+    wait_logged(&lab, &own);
+    let out = krg_as_nobody(&lab, 1, &["checkpoint", &own, "--json"]);
+    // Where krgd lacks CAP_SYS_RESOURCE (this sandbox), CRIU cannot read
+    // another user's resource limits: krg must say so, clearly, and leave
+    // the job running; with the capability, the checkpoint must work.
+    let doctor = krg_ok(&lab, 1, &["doctor", "--json"]);
+    let features: Value = serde_json::from_str(&doctor).expect("doctor json");
+    if features["cap_sys_resource"]["ok"] != Value::Bool(true) {
+        assert!(
+            !out.status.success(),
+            "checkpoint without CAP_SYS_RESOURCE: {}",
+            show(&out)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("CAP_SYS_RESOURCE"),
+            "the refusal names the missing capability: {err}"
+        );
+        wait_running_on(&lab, 1, &own, 1);
+        eprintln!("--- krgd lacks CAP_SYS_RESOURCE here: user jobs are refused, as checked; the rest needs it");
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "checkpoint of its own job: {}",
+        show(&out)
+    );
+    let record: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(record["uid"], NOBODY_UID, "{record}");
+    let own_dir = PathBuf::from(record["path"].as_str().expect("path"));
+    for dir in [own_dir.parent().expect("job dir"), own_dir.as_path()] {
+        let meta = fs::metadata(dir).expect("image directory");
+        assert_eq!(meta.mode() & 0o777, 0o700, "mode of {}", dir.display());
+        assert_eq!(meta.uid(), NOBODY_UID, "owner of {}", dir.display());
+    }
+    let out = krg_as_nobody(&lab, 2, &["images", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let gpids: Vec<&Value> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| &r["gpid"])
+        .collect();
+    assert_eq!(gpids.len(), 1, "user 65534 sees its own image only: {list}");
+
+    step("migrate by user 65534");
+    let out = krg_as_nobody(&lab, 2, &["migrate", &own, "3"]);
+    assert!(
+        out.status.success(),
+        "migrate of its own job: {}",
+        show(&out)
+    );
+    wait_running_on(&lab, 1, &own, 3);
+
+    step("checkpoint --kill and restart by user 65534");
+    let out = krg_as_nobody(&lab, 3, &["checkpoint", &own, "--kill"]);
+    assert!(
+        out.status.success(),
+        "checkpoint --kill of its own job: {}",
+        show(&out)
+    );
+    let out = krg_as_nobody(&lab, 1, &["restart", &own, "--node", "2"]);
+    assert!(
+        out.status.success(),
+        "restart of its own job: {}",
+        show(&out)
+    );
+    wait_running_on(&lab, 1, &own, 2);
+    let out = krg_as_nobody(&lab, 1, &["kill", &own]);
+    assert!(out.status.success(), "kill of its own job: {}", show(&out));
+}
+
+/// Goal: a job can be checkpointed and migrated as soon as `krg run -d` has
+/// returned its gpid and `krg ps` shows it running, or else is refused with
+/// a sentence saying it is still starting (not with a CRIU error), and goes
+/// on. Method: the first job on a fresh node (whose first start is the
+/// slowest: about 0.7 s here before krg-init has made its session and
+/// started the command), `krg checkpoint --leave-running` right after `krg
+/// run -d`, then likewise `krg migrate` with a second fresh job; then both
+/// jobs, once they have printed, checkpointed and migrated for real.
+#[test]
+fn lab_migration_just_started_job() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = Scratch::new("early");
+    let ticker = scratch.workload("migration_ticker.py");
+    let acceptable = |out: &Output, what: &str| {
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("criu") && err.contains("start"),
+            "{what} of a job just started: {}",
+            show(out)
+        );
+    };
+
+    step("checkpoint at once after krg run -d on node 2");
+    let first = krg_ok(&lab, 1, &["run", "-d", "--node", "2", PYTHON, &ticker]);
+    let first = first.trim().to_string();
+    let out = krg(&lab, 1, &["checkpoint", &first, "--leave-running"]);
+    acceptable(&out, "checkpoint");
+    wait_running_on(&lab, 1, &first, 2);
+
+    step("migrate at once after krg run -d on node 3");
+    let second = krg_ok(&lab, 1, &["run", "-d", "--node", "3", PYTHON, &ticker]);
+    let second = second.trim().to_string();
+    let out = krg(&lab, 1, &["migrate", &second, "1", "--mode", "stop"]);
+    acceptable(&out, "migrate");
+    let shown = ps_job(&lab, 1, &second).expect("listed");
+    assert_eq!(shown["state"], "running", "{shown}");
+
+    step("once they have printed, both move");
+    for gpid in [&first, &second] {
+        wait_logged(&lab, gpid);
+        krg_ok(&lab, 1, &["checkpoint", gpid, "--leave-running"]);
+    }
+    migrate(&lab, 1, &first, 1, "lazy");
+    let at = ps_job(&lab, 1, &second).expect("listed")["node"]
+        .as_u64()
+        .expect("node");
+    migrate(&lab, 1, &second, if at == 2 { 3 } else { 2 }, "stop");
+    for gpid in [&first, &second] {
+        krg_ok(&lab, 1, &["kill", gpid]);
+    }
+}
