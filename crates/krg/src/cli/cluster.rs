@@ -130,6 +130,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         metrics: "none".into(),
         image_store: PathBuf::new(),
         sched_config: None,
+        criu_log_level: 2,
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

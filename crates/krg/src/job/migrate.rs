@@ -298,7 +298,7 @@ fn dump_request(node: &Node, ctl: &BodyCtl, keys: &StreamKeys, dir: PathBuf) -> 
         .iter()
         .find(|d| d.join("freezer.state").exists())
         .cloned();
-    let _ = node;
+    req.log_level = node.config.criu_log_level;
     req
 }
 
@@ -466,6 +466,7 @@ async fn migrate(
         carry: taken.carry.clone(),
         lazy: port.map(|p| (ip_of(&node.addr), p)),
     };
+    let dumped_ms = frozen_at.elapsed().as_millis();
     let asked = node
         .peers
         .call(
@@ -475,6 +476,12 @@ async fn migrate(
             RESTORE_TIMEOUT,
         )
         .await;
+    tracing::info!(
+        gpid = %gpid,
+        dumped_ms,
+        restored_ms = frozen_at.elapsed().as_millis(),
+        "migration: frozen job dumped, then restored on the target"
+    );
     match asked {
         Ok(PeerResponse::Restored(_)) => {
             let freeze_ms = frozen_at.elapsed().as_millis() as u64;

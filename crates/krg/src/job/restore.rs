@@ -135,6 +135,7 @@ async fn restore_into(
             "cannot restore job {gpid} on node {me}: {what}: {e}"
         ))
     };
+    let started_at = Instant::now();
     let (ends, io, status) = make_streams(job.spec.tty).map_err(|e| fail("its streams", &e))?;
     let JobEnds {
         stdin,
@@ -160,11 +161,13 @@ async fn restore_into(
     req.work_dir = Some(work.clone());
     req.inherit = inherit;
     req.join_cgroups = cgroup.dirs.clone();
+    req.log_level = node.config.criu_log_level;
     let mut daemon = None;
     if let Some((addr, port)) = &job.lazy {
         let mut lreq = LazyPagesRequest::new(images.clone(), addr.clone(), *port);
         lreq.gpid = Some(gpid);
         lreq.work_dir = Some(work.clone());
+        lreq.log_level = node.config.criu_log_level;
         let c = criu.clone();
         let d = tokio::task::spawn_blocking(move || c.lazy_pages(&lreq))
             .await
@@ -173,11 +176,13 @@ async fn restore_into(
         daemon = Some(d);
         req.lazy_pages = true;
     }
+    let daemon_ms = started_at.elapsed().as_millis();
     let outcome = tokio::task::spawn_blocking(move || criu.restore(&req))
         .await
         .map_err(|e| fail("criu", &e))?
         .map_err(|e| fail("criu", &e))?;
     drop((stdin, stdout, stderr, status_w));
+    tracing::info!(gpid = %gpid, daemon_ms, restore_ms = started_at.elapsed().as_millis(), "restored by criu");
     Ok((io, status, outcome.pid, daemon))
 }
 

@@ -46,6 +46,10 @@ pub struct NodeConfig {
     /// shares, at the same path (NFS, CephFS, ...).
     #[arg(long, env = "KRG_IMAGE_STORE", default_value = "/var/lib/krg/images")]
     pub image_store: PathBuf,
+    /// CRIU's log level for checkpoints and moves (0-4; 4 logs every page
+    /// map and slows large dumps; 2 keeps errors and warnings).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
+    pub criu_log_level: u32,
     /// The scheduler's configuration (TOML), applied to the whole cluster at start.
     #[arg(long, value_name = "FILE")]
     pub sched_config: Option<PathBuf>,
