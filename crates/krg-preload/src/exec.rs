@@ -42,6 +42,11 @@ fn getenv(name: &CStr) -> Option<&'static CStr> {
 /// Does this job have DISTANT_FORK in force? Read at every exec from the
 /// view (`$KRG_VIEW/jobs/$KRG_GPID/caps`), so `krg capset` applies at once.
 fn distant_fork_enabled() -> bool {
+    // A program distant exec kept in its parent's job carries its own
+    // answer (a child's capabilities), for itself and what it starts.
+    if let Some(own) = getenv(c"KRG_DISTANT_FORK") {
+        return own.to_bytes() == b"1";
+    }
     let (Some(view), Some(gpid)) = (getenv(c"KRG_VIEW"), getenv(c"KRG_GPID")) else {
         return false;
     };

@@ -93,6 +93,9 @@ pub fn run(args: RshArgs) -> anyhow::Result<i32> {
         .build()?;
     match runtime.block_on(deputy(req, args.no_stdin))? {
         super::run::Outcome::Exit(code) => std::process::exit(code),
-        super::run::Outcome::RunHere => bail!("krgd asked to run a remote shell command here"),
+        super::run::Outcome::Killed(sig) => std::process::exit(128 + sig),
+        super::run::Outcome::RunHere { .. } => {
+            bail!("krgd asked to run a remote shell command here")
+        }
     }
 }

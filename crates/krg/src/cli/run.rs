@@ -190,9 +190,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     match runtime.block_on(deputy(req, args.no_stdin))? {
         // The stdin thread may still block in read(2): leave without waiting.
         Outcome::Exit(code) => std::process::exit(code),
-        Outcome::RunHere => {
+        Outcome::Killed(sig) => die_of(sig),
+        Outcome::RunHere {
+            pending,
+            distant_fork,
+        } => {
             drop(runtime);
-            run_here(&args)
+            // A signal sent while we asked where to run is the program's.
+            for sig in pending {
+                if matches!(
+                    sig,
+                    libc::SIGINT
+                        | libc::SIGTERM
+                        | libc::SIGHUP
+                        | libc::SIGQUIT
+                        | libc::SIGUSR1
+                        | libc::SIGUSR2
+                        | libc::SIGALRM
+                ) {
+                    die_of(sig);
+                }
+            }
+            run_here(&args, distant_fork)
         }
     }
 }
@@ -200,17 +219,46 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 /// How a `krg run` ended.
 pub enum Outcome {
     Exit(i32),
-    /// Distant exec and the scheduler keeps the program here.
-    RunHere,
+    /// Distant exec and the scheduler keeps the program here; the signals
+    /// that came meanwhile are for the program.
+    RunHere {
+        pending: Vec<i32>,
+        distant_fork: bool,
+    },
+    /// Distant exec of a program killed by this signal: its parent must
+    /// see it killed by it, as a local child would be.
+    Killed(i32),
+}
+
+/// Dies of `sig`, as the program would have (no core file of ours).
+fn die_of(sig: i32) -> ! {
+    // SAFETY: setrlimit, signal, sigprocmask and raise with valid arguments.
+    unsafe {
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    std::process::exit(128 + sig);
 }
 
 /// Becomes the program, as the exec the preload library redirected would
 /// have done.
-fn run_here(args: &RunArgs) -> anyhow::Result<i32> {
+fn run_here(args: &RunArgs, distant_fork: bool) -> anyhow::Result<i32> {
     use std::os::unix::process::CommandExt;
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut cmd = std::process::Command::new(program);
     cmd.args(rest);
+    // The program stays in its parent's job, with a child's capabilities:
+    // the preload library reads this before the job's own.
+    cmd.env("KRG_DISTANT_FORK", if distant_fork { "1" } else { "0" });
     if let Some(a0) = &args.argv0 {
         cmd.arg0(a0);
     }
@@ -262,6 +310,8 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let tty = req.tty.is_some();
     let detach = req.detach;
+    let distant = req.distant;
+    let signals = catch_signals();
     let mut client = Client::connect(&socket_path()).await?;
     client.conn.send(&ClientRequest::Run(Box::new(req))).await?;
     let first: FromBody = client
@@ -275,7 +325,17 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
             eprintln!("krg: {}", error.message);
             return Ok(Outcome::Exit(exit_code));
         }
-        FromBody::RunHere => return Ok(Outcome::RunHere),
+        FromBody::RunHere { distant_fork } => {
+            let mut signals = signals;
+            let mut pending = Vec::new();
+            while let Ok(sig) = signals.try_recv() {
+                pending.push(sig);
+            }
+            return Ok(Outcome::RunHere {
+                pending,
+                distant_fork,
+            });
+        }
         other => anyhow::bail!("krgd answered with something unexpected ({other:?})"),
     };
     if detach {
@@ -305,7 +365,7 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
     } else {
         spawn_stdin_reader(tx.clone(), credit.clone());
     }
-    tokio::spawn(forward_signals(tx.clone(), tty));
+    tokio::spawn(forward_signals(tx.clone(), tty, signals));
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     let mut code = None;
@@ -330,6 +390,11 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
             FromBody::StdinAck(n) => credit.add_permits(n as usize),
             FromBody::Failed { error, .. } => eprintln!("krg: {}", error.message),
             FromBody::Exited(s) => {
+                if let (true, crate::wire::stream::ExitStatus::Signal { signal, .. }) = (distant, s)
+                {
+                    drop(_raw);
+                    return Ok(Outcome::Killed(signal));
+                }
                 code = Some(s.shell_code());
                 break;
             }
@@ -340,7 +405,7 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
             }
             // Moves are the deputy side's business (krgd); never seen here.
             FromBody::Started { .. }
-            | FromBody::RunHere
+            | FromBody::RunHere { .. }
             | FromBody::Moving
             | FromBody::Moved { .. }
             | FromBody::Resumed
@@ -420,8 +485,10 @@ fn spawn_stdin_reader(tx: mpsc::Sender<Outgoing>, credit: Arc<Semaphore>) {
     });
 }
 
-/// Signals sent to `krg run` go to the job.
-async fn forward_signals(tx: mpsc::Sender<Outgoing>, tty: bool) {
+/// Signals to forward to the job, caught from the moment `krg run`
+/// starts: one that comes before the job is running is held and delivered
+/// once it is (a build interrupted at any moment stops everywhere).
+fn catch_signals() -> mpsc::Receiver<i32> {
     use tokio::signal::unix::{signal, SignalKind};
     let kinds = [
         libc::SIGINT,
@@ -435,7 +502,7 @@ async fn forward_signals(tx: mpsc::Sender<Outgoing>, tty: bool) {
         libc::SIGCONT,
         libc::SIGALRM,
     ];
-    let (sig_tx, mut sig_rx) = mpsc::channel::<i32>(64);
+    let (sig_tx, sig_rx) = mpsc::channel::<i32>(64);
     for k in kinds {
         let Ok(mut s) = signal(SignalKind::from_raw(k)) else {
             continue;
@@ -449,7 +516,11 @@ async fn forward_signals(tx: mpsc::Sender<Outgoing>, tty: bool) {
             }
         });
     }
-    drop(sig_tx);
+    sig_rx
+}
+
+/// Signals sent to `krg run` go to the job.
+async fn forward_signals(tx: mpsc::Sender<Outgoing>, tty: bool, mut sig_rx: mpsc::Receiver<i32>) {
     while let Some(sig) = sig_rx.recv().await {
         let frame = match sig {
             libc::SIGWINCH if tty => match window_size() {

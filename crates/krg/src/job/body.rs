@@ -148,7 +148,7 @@ impl BodyCtl {
             } else {
                 JobState::Running
             },
-            cpu_ns: self.cgroup.cpu_ns(),
+            cpu_ns: self.cgroup.cpu_ns(self.init_pid.load(Ordering::SeqCst)),
             rss_bytes: self.cgroup.rss_bytes(),
             started_ms: self.started_ms,
             command: self.command.clone(),
@@ -323,7 +323,12 @@ async fn spawn_init(
             ))
         }))
         .env("KRG_GPID", spec.gpid.to_string())
-        .env("KRG_NODE", node.id.to_string());
+        .env("KRG_NODE", node.id.to_string())
+        // The job's krg talks to the krgd of the node it runs on.
+        .env("KRG_SOCKET", &node.config.socket)
+        // A marker of distant exec, about the process that carried it,
+        // never about a new job.
+        .env_remove("KRG_DISTANT_FORK");
     if let Some(v) = &view {
         cmd.env("KRG_VIEW", v);
         if let Some(preload) = &node.preload_path {

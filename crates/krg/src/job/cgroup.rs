@@ -8,8 +8,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// v1 controllers a job gets a directory in, when krgd has one.
-const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+/// v1 hierarchies a job gets a directory in. Only the freezer: moving a
+/// process into a v1 cgroup costs milliseconds each (the kernel waits for
+/// an RCU grace period), and a job needs only one cgroup to be listed,
+/// signalled and frozen as a whole. CPU time and memory are read from the
+/// job's processes; CPU and memory limits stay those of krgd's own cgroups.
+const V1_CONTROLLERS: [&str; 1] = ["freezer"];
 /// Time allowed for a job's processes to vanish before its cgroup is removed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,44 +75,56 @@ impl JobCgroup {
             .collect()
     }
 
-    /// CPU time used by the job, in nanoseconds.
-    pub fn cpu_ns(&self) -> u64 {
+    /// CPU time used by the job, in nanoseconds: of its live processes,
+    /// plus what its init collected from the ones it reaped (krg-init, pid
+    /// 1 of the job, reaps every process of the job in the end).
+    pub fn cpu_ns(&self, init: i32) -> u64 {
         if self.v2 {
             let text = self
                 .dir_with("cpu.stat")
                 .and_then(|p| fs::read_to_string(p).ok())
                 .unwrap_or_default();
-            return text
+            if let Some(us) = text
                 .lines()
                 .find_map(|l| l.strip_prefix("usage_usec "))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(0, |us| us * 1000);
+            {
+                return us * 1000;
+            }
         }
-        self.dir_with("cpuacct.usage")
-            .and_then(|p| fs::read_to_string(p).ok())
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .unwrap_or(100)
+            .max(1);
+        let ticks: u64 = self
+            .pids()
+            .iter()
+            .map(|&pid| proc_ticks(pid, pid == init))
+            .sum();
+        ticks * 1_000_000_000 / hz
     }
 
-    /// Resident memory of the job, in bytes.
+    /// Resident memory of the job's processes, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         if self.v2 {
-            return self
+            if let Some(v) = self
                 .dir_with("memory.current")
                 .and_then(|p| fs::read_to_string(p).ok())
                 .and_then(|t| t.trim().parse().ok())
-                .unwrap_or(0);
+            {
+                return v;
+            }
         }
-        let stat = self
-            .dir_with("memory.stat")
-            .and_then(|p| fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        let field = |name: &str| {
-            stat.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        field("total_rss ").or_else(|| field("rss ")).unwrap_or(0)
+        self.pids()
+            .iter()
+            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/statm")).ok())
+            .filter_map(|t| {
+                t.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .sum::<u64>()
+            * page_size()
     }
 
     /// Freezes or thaws every process of the job.
@@ -169,5 +185,33 @@ impl JobCgroup {
                 tracing::warn!(dir = %d.display(), "could not remove a job cgroup");
             }
         }
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// utime + stime of a process (and, for the job's init, what it reaped).
+fn proc_ticks(pid: i32, with_children: bool) -> u64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    // After the command name: state is field 3; utime 14, stime 15,
+    // cutime 16, cstime 17 (1-based, as in proc(5)).
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let get = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let own = get(14) + get(15);
+    if with_children {
+        own + get(16) + get(17)
+    } else {
+        own
     }
 }

@@ -232,12 +232,18 @@ async fn start(
             .as_ref()
             .is_some_and(|p| p.caps().has(Cap::DistantFork))
     {
-        return Err(FromBody::RunHere);
+        return Err(FromBody::RunHere {
+            distant_fork: caps.has(Cap::DistantFork),
+        });
     }
     let target = place::choose(node, req).map_err(|e| failed(e, 1))?;
     if req.distant && target == node.id {
         place::record(node, target);
-        return Err(FromBody::RunHere);
+        // It stays in its parent's job but with a child's capabilities:
+        // whether its own children spread is what it would inherit.
+        return Err(FromBody::RunHere {
+            distant_fork: caps.has(Cap::DistantFork),
+        });
     }
     let gpid = node
         .gpids

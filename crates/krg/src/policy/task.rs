@@ -90,7 +90,7 @@ fn local_jobs(node: &Node, last: &mut HashMap<Gpid, (u64, Instant)>) -> Vec<JobS
     bodies
         .iter()
         .map(|b| {
-            let cpu_ns = b.cgroup.cpu_ns();
+            let cpu_ns = b.cgroup.cpu_ns(b.init_pid.load(Ordering::SeqCst));
             let cpu = match last.insert(b.gpid, (cpu_ns, now)) {
                 Some((prev, at)) => {
                     cpu_ns.saturating_sub(prev) as f64

@@ -24,7 +24,7 @@ const REFRESH: Duration = Duration::from_secs(1);
 const IN_USE: Duration = Duration::from_secs(10);
 /// A read older than this waits for a refresh (up to `STALE_WAIT`).
 const STALE: Duration = Duration::from_secs(3);
-const STALE_WAIT: Duration = Duration::from_millis(300);
+const STALE_WAIT: Duration = Duration::from_secs(1);
 /// While nobody reads the view it is still refreshed this often, so a
 /// first read after a quiet while is not served from old news.
 const IDLE_REFRESH: Duration = Duration::from_secs(10);
@@ -39,6 +39,14 @@ pub struct Snapshot {
     pub states: Vec<(NodeId, NodeState)>,
     pub jobs: Vec<JobInfo>,
     pub taken: Option<Instant>,
+    /// Every node shown up answered.
+    pub complete: bool,
+}
+
+impl Snapshot {
+    fn fresh(&self) -> bool {
+        self.complete && self.taken.is_some_and(|t| t.elapsed() <= STALE)
+    }
 }
 
 /// Shared between the refresher task and the FUSE threads.
@@ -82,13 +90,10 @@ impl ViewCache {
     pub fn get(&self) -> Snapshot {
         *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let guard = self.snap.lock().unwrap_or_else(|p| p.into_inner());
-        let stale = guard.taken.is_none_or(|t| t.elapsed() > STALE);
-        if stale {
+        if !guard.fresh() {
             let (guard, _) = self
                 .refreshed
-                .wait_timeout_while(guard, STALE_WAIT, |s| {
-                    s.taken.is_none_or(|t| t.elapsed() > STALE)
-                })
+                .wait_timeout_while(guard, STALE_WAIT, |s| !s.fresh())
                 .unwrap_or_else(|p| p.into_inner());
             return guard.clone();
         }
@@ -119,21 +124,30 @@ impl ViewCache {
 pub async fn refresh_loop(node: Arc<Node>, cache: Arc<ViewCache>) {
     let mut last: Vec<(NodeId, Arc<ProcTexts>, Instant)> = Vec::new();
     let mut taken: Option<Instant> = None;
+    let mut complete = false;
+    let mut changed = node.state.changed.subscribe();
     loop {
-        let due = taken.is_none_or(|t| {
-            t.elapsed()
-                >= if cache.in_use() {
-                    REFRESH
-                } else {
-                    IDLE_REFRESH
-                }
-        });
+        let every = if !complete {
+            REFRESH / 4
+        } else if cache.in_use() {
+            REFRESH
+        } else {
+            IDLE_REFRESH
+        };
+        let due = taken.is_none_or(|t| t.elapsed() >= every);
         if due {
             let snap = take(&node, &mut last).await;
+            // A node that did not answer (just joined, busy) is asked
+            // again soon, whether or not anyone reads the view.
+            complete = snap.complete;
             cache.put(snap);
             taken = Some(Instant::now());
         }
-        tokio::time::sleep(REFRESH / 4).await;
+        tokio::select! {
+            _ = tokio::time::sleep(REFRESH / 4) => {}
+            // A node joined, went down or came back: the view changes now.
+            _ = changed.changed() => taken = None,
+        }
     }
 }
 
@@ -186,10 +200,15 @@ async fn take(node: &Arc<Node>, last: &mut Vec<(NodeId, Arc<ProcTexts>, Instant)
     }
     nodes.sort_by_key(|(id, _)| *id);
     let jobs = crate::job::ops::list_all(node).await;
+    let complete = states
+        .iter()
+        .filter(|(_, s)| *s == NodeState::Up)
+        .all(|(id, _)| nodes.iter().any(|(n, _)| n == id));
     Snapshot {
         nodes,
         states,
         jobs,
         taken: Some(Instant::now()),
+        complete,
     }
 }

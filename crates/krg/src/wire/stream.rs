@@ -61,7 +61,9 @@ pub enum FromBody {
     },
     /// Distant exec: the scheduler keeps the program on this node; the
     /// client runs it in place.
-    RunHere,
+    RunHere {
+        distant_fork: bool,
+    },
     /// The body is about to be frozen: hold back frames (answer `Hold`).
     Moving,
     /// The body runs on this node now: reattach there.
