@@ -281,8 +281,10 @@ async fn launch(
     let me = node.id;
     spec.check()
         .map_err(|e| (RemoteError::new(ErrorCode::BadRequest, e.to_string()), 1))?;
+    let t0 = std::time::Instant::now();
     let cgroup = tokio::task::block_in_place(|| JobCgroup::create(&cgroup_name(spec.gpid)))
         .map_err(|e| internal(me, "cannot create its cgroup", e))?;
+    tracing::debug!(gpid = %spec.gpid, us = t0.elapsed().as_micros(), "timing: cgroup made");
     match spawn_init(node, spec, &cgroup).await {
         Ok((io, status)) => Ok((cgroup, io, status)),
         Err(e) => {
@@ -369,6 +371,7 @@ async fn run(
     tx: mpsc::Sender<FromBody>,
 ) {
     let gpid = spec.gpid;
+    let t0 = std::time::Instant::now();
     let (cgroup, io, mut status) = match launch(&node, &spec).await {
         Ok(l) => l,
         Err((error, exit_code)) => {
@@ -395,6 +398,7 @@ async fn run(
             _ => break None,
         }
     };
+    tracing::debug!(gpid = %gpid, us = t0.elapsed().as_micros(), "timing: init pid known");
     let Some(init_pid) = init_pid else {
         let (error, exit_code) =
             internal(node.id, "krg-init", "it exited without reporting its pid");
@@ -408,6 +412,7 @@ async fn run(
     node.metrics.launches.inc();
     node.jobs.bodies_insert(ctl.clone());
     tracing::debug!(gpid = %gpid, pid = init_pid, "job started");
+    tracing::debug!(gpid = %gpid, us = t0.elapsed().as_micros(), "timing: started");
     let _ = tx
         .send(FromBody::Started {
             gpid,
@@ -479,6 +484,7 @@ pub async fn supervise(
             core: false,
         },
     });
+    tracing::debug!(gpid = %gpid, "timing: reaped");
     // Whatever the job wrote before it ended goes out before its status.
     if !pumps.drain(DRAIN_TIMEOUT).await {
         tracing::warn!(gpid = %gpid, "job streams did not drain after it ended");
