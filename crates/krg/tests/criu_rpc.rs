@@ -1268,11 +1268,24 @@ fn a_failed_dump_quotes_criu() {
                   s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
                   print('connected', flush=True)\n\
                   time.sleep(60)\n";
-    let mut child = Command::new(PYTHON)
+    let mut command = Command::new(PYTHON);
+    command
         .args(["-c", script, &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn python");
+        .stdout(Stdio::piped());
+    // CRIU refuses a process whose session leader is outside the dumped
+    // tree before it ever looks at sockets, and under CI the test runner's
+    // session leader is; a session of its own leaves TCP as the one reason.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn python");
+    let mut child = KillOnDrop(child);
     let (_peer, _) = listener.accept().expect("accept");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout"))
@@ -1295,6 +1308,28 @@ fn a_failed_dump_quotes_criu() {
         None,
         "the process lives on"
     );
-    child.kill().expect("kill");
-    child.wait().expect("wait");
+}
+
+/// Kills and reaps a child however the test ends, so that a failed
+/// assertion leaves no process behind.
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
