@@ -423,39 +423,31 @@ async fn migrate(
             false
         });
         if !ready.await.unwrap_or(false) {
-            let err = match dump.take() {
-                Some(d) => match d.await {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "the page server did not start".into(),
-                },
-                None => "the page server did not start".into(),
+            let outcome = match dump.take() {
+                Some(d) => Some(d.await),
+                None => None,
             };
-            return fail_here(node, ctl, pumps, status, tx, taken, &dir, &keys, None, err).await;
+            return match outcome {
+                // A dump that failed before its page server started has not
+                // killed the job: it is still here, frozen.
+                Some(Ok(Err(e))) => {
+                    stay_here(node, ctl, pumps, tx, taken, &dir, e.to_string()).await
+                }
+                _ => {
+                    let why = "the page server did not start".to_string();
+                    fail_here(node, ctl, pumps, status, tx, taken, &dir, &keys, None, why).await
+                }
+            };
         }
     } else if let Some(d) = dump.take() {
         match d.await {
             Ok(Ok(_)) => {}
+            // CRIU failed before killing the job: it goes on here.
             Ok(Err(e)) => {
-                // CRIU failed before killing the job: it goes on here.
-                node.metrics
-                    .failures
-                    .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
-                    .inc();
-                taken.give_back(ctl, pumps, tx);
-                let _ = tx.send(FromBody::Resumed).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                return (
-                    Err(internal(format!("cannot migrate job {gpid}: {e}"))),
-                    After::Stay,
-                );
+                return stay_here(node, ctl, pumps, tx, taken, &dir, e.to_string()).await;
             }
             Err(e) => {
-                taken.give_back(ctl, pumps, tx);
-                let _ = tx.send(FromBody::Resumed).await;
-                return (
-                    Err(internal(format!("cannot migrate job {gpid}: {e}"))),
-                    After::Stay,
-                );
+                return stay_here(node, ctl, pumps, tx, taken, &dir, e.to_string()).await;
             }
         }
     }
@@ -561,6 +553,30 @@ async fn migrate(
             .await
         }
     }
+}
+
+/// The dump failed and left the job alive here: thaw it, give it its
+/// streams back and say why it did not move.
+async fn stay_here(
+    node: &Arc<Node>,
+    ctl: &Arc<BodyCtl>,
+    pumps: &mut Pumps,
+    tx: &mpsc::Sender<FromBody>,
+    taken: Taken,
+    dir: &std::path::Path,
+    why: String,
+) -> (Result<MigrationReport, RemoteError>, After) {
+    node.metrics
+        .failures
+        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
+        .inc();
+    taken.give_back(ctl, pumps, tx);
+    let _ = tx.send(FromBody::Resumed).await;
+    let _ = std::fs::remove_dir_all(dir);
+    (
+        Err(internal(format!("cannot migrate job {}: {why}", ctl.gpid))),
+        After::Stay,
+    )
 }
 
 /// A dump running on a blocking thread (a lazy one lasts until every page

@@ -1,13 +1,16 @@
 //! MOSIX-like preemptive balancing, run by each node for its own jobs.
 //!
-//! A node moves a job when its load per unit of capacity exceeds the
-//! cluster's average by the configured threshold, to the least loaded node,
-//! and only if after the move the target would still be no more loaded
-//! than the source (hysteresis: an even cluster never moves), and the gain
-//! (the load difference the move removes) is larger than its cost (the
-//! job's memory, as seconds of transfer, spread over the horizon). A job
-//! that arrived recently stays (minimum residence), so jobs never
-//! ping-pong. One move per round: the next round sees its effect.
+//! A node considers moving a job when its load per unit of capacity exceeds
+//! the cluster's average by the configured threshold. A busy job is moved
+//! where it gets a larger share of a CPU than it gets here (counting
+//! itself on the target), by a margin, and only if that gain is larger
+//! than the move's cost (the job's memory, as seconds of transfer spread
+//! over the horizon). The move is never undone by a later round: a job
+//! only moves to a node where `(load + 1) / capacity` is lower than its
+//! node's `load / capacity`, which makes every move lower Rosenthal's
+//! potential `Σ_n Σ_{k≤load(n)} k / capacity(n)`, so balancing always
+//! settles. A job that arrived recently stays (minimum residence). One move
+//! per round: the next round sees its effect.
 
 use super::config::SchedConfig;
 use super::{Balancer, JobSample, Move, NodeSample};
@@ -29,6 +32,20 @@ impl Balance {
     pub fn cost(&self, job: &JobSample) -> f64 {
         job.rss_bytes as f64 / self.cfg.migration_bytes_per_s / self.cfg.horizon_s
     }
+}
+
+/// How much larger a job's CPU share must be on the target: moves that
+/// barely help are not worth a freeze.
+const SHARE_MARGIN: f64 = 0.1;
+
+/// The share of a CPU one of `load` busy tasks gets on `capacity` CPUs.
+fn cpu_share(capacity: f64, load: f64) -> f64 {
+    (capacity.max(0.01) / load.max(1.0)).min(1.0)
+}
+
+/// A job's share of a CPU on `node` once it has arrived there.
+fn share_there(node: &&NodeSample) -> f64 {
+    cpu_share(node.capacity, node.load + node.pending + 1.0)
 }
 
 impl Balancer for Balance {
@@ -60,26 +77,31 @@ impl Balancer for Balance {
             })
             .collect();
         candidates.sort_by(|a, b| a.rss_bytes.cmp(&b.rss_bytes).then(a.gpid.cmp(&b.gpid)));
+        // A busy job's share of a CPU here, where it is one of the load.
+        let my_load = (mine.load + mine.pending).max(1.0);
+        let share_here = cpu_share(mine.capacity, my_load);
         for job in candidates {
-            // Load is counted in runnable tasks: a busy job is one of them.
-            let share = 1.0;
             let target = usable
                 .iter()
                 .filter(|n| n.id != me && n.mem_free >= self.cfg.mem_free_min_bytes + job.rss_bytes)
                 .filter(|n| job.allowed.is_empty() || job.allowed.contains(&n.id))
-                .min_by(|a, b| {
-                    a.relative_load()
-                        .partial_cmp(&b.relative_load())
+                .max_by(|a, b| {
+                    share_there(a)
+                        .partial_cmp(&share_there(b))
                         .unwrap_or(std::cmp::Ordering::Equal)
-                        .then(a.id.cmp(&b.id))
+                        .then(
+                            b.relative_load()
+                                .partial_cmp(&a.relative_load())
+                                .unwrap_or(std::cmp::Ordering::Equal),
+                        )
+                        .then(b.id.cmp(&a.id))
                 });
             let Some(target) = target else { continue };
-            let source_after = (mine.load + mine.pending - share) / mine.capacity.max(0.01);
-            let target_after = (target.load + target.pending + share) / target.capacity.max(0.01);
-            if target_after > source_after {
+            let share_target = share_there(target);
+            if share_target <= share_here * (1.0 + SHARE_MARGIN) {
                 continue;
             }
-            let gain = (my_rel - target.relative_load()) - (source_after - target_after);
+            let gain = share_target - share_here;
             let cost = self.cost(job);
             if gain <= cost {
                 continue;
@@ -182,6 +204,18 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_job_leaves_a_slow_node_for_an_idle_fast_one() {
+        let (counts, moves) = simulate(&[0.25, 0.5, 1.0], vec![1, 0, 0], 50);
+        assert_eq!((counts, moves), (vec![0, 0, 1], 1));
+    }
+
+    #[test]
+    fn a_job_with_a_whole_cpu_does_not_move_to_a_bigger_idle_node() {
+        let (counts, moves) = simulate(&[1.0, 4.0], vec![1, 0], 50);
+        assert_eq!((counts, moves), (vec![1, 0], 0));
+    }
+
+    #[test]
     fn recent_unmovable_and_expensive_jobs_stay() {
         let nodes = vec![sample(1, 1.0, 4.0), sample(2, 1.0, 0.0)];
         let mut b = Balance::new(SchedConfig::default());
@@ -198,8 +232,8 @@ mod tests {
         assert!(m[0].reason.contains("gain"), "{}", m[0].reason);
     }
 
-    /// Random loads and capacities: balancing ends, and never moves a job
-    /// to a node that ends up busier than the one it left.
+    /// Random loads and capacities: balancing ends (every move lowers the
+    /// potential), and a settled cluster stays settled.
     #[test]
     fn balancing_always_settles() {
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -1,6 +1,8 @@
-//! Least loaded: the node with the lowest load per unit of capacity
-//! (counting jobs already on their way), then the fewest jobs per unit of
-//! capacity, then the lowest id.
+//! Least loaded: the node with the lowest load per unit of capacity once
+//! the new job is there (counting jobs already on their way), then the
+//! fewest jobs per unit of capacity, then the lowest id. Counting the new
+//! job matters with unequal nodes: on idle nodes the first job goes to the
+//! fastest, not to whichever comes first.
 
 use super::{NodeSample, Placement};
 use krg_types::NodeId;
@@ -10,8 +12,8 @@ pub struct LeastLoaded;
 fn key(n: &NodeSample) -> (f64, f64) {
     let cap = n.capacity.max(0.01);
     (
-        (n.load + n.pending) / cap,
-        (f64::from(n.jobs) + n.pending) / cap,
+        (n.load + n.pending + 1.0) / cap,
+        (f64::from(n.jobs) + n.pending + 1.0) / cap,
     )
 }
 
@@ -70,5 +72,15 @@ mod tests {
         ];
         let c = spread(&mut nodes, 14);
         assert_eq!(c, vec![2, 4, 8]);
+    }
+
+    #[test]
+    fn the_first_job_goes_to_the_fastest_idle_node() {
+        let mut nodes = vec![
+            sample(1, 0.25, 0.0),
+            sample(2, 0.5, 0.0),
+            sample(3, 1.0, 0.0),
+        ];
+        assert_eq!(spread(&mut nodes, 1), vec![0, 0, 1]);
     }
 }
