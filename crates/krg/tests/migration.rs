@@ -1167,8 +1167,10 @@ fn wait_all_up(lab: &Lab) {
 /// running twice). Method: the memory workload with 400 MiB on node 1 under
 /// `krg run`; `krg migrate --mode lazy` to node 2 returns once the job runs
 /// there; while the source still serves pages (its `criu dump` holds them
-/// and its images directory `migrate-*` is still there), `lab.kill(2)`: `krg run` must not end, new timestamps must come,
-/// and `krg ps` must show the job running on node 1.
+/// and its images directory `migrate-*` is still there), `lab.kill(2)`:
+/// `krg run` must not end, new timestamps must come, and `krg ps` must show
+/// the job running on node 1. Node 1's link is throttled to 200 Mbit/s so
+/// that the pages take seconds to move however fast the machine.
 #[test]
 fn lab_migration_target_dies_during_post_copy() {
     let Some(lab) = lab_up() else { return };
@@ -1180,6 +1182,17 @@ fn lab_migration_target_dies_during_post_copy() {
     job.expect_line(|l| l.starts_with("ready"), "ready", WAIT);
     job.expect_line(|l| l.starts_with("t "), "a timestamp", WAIT);
 
+    // On a quiet machine 400 MiB of pages move in a fraction of a second,
+    // faster than the test can kill node 2: node 1's link is throttled
+    // (tc, token bucket) so that the post-copy lasts several seconds.
+    let throttle = lab
+        .command(1, "tc")
+        .expect("node 1")
+        .args(["qdisc", "add", "dev", "eth0", "root", "tbf"])
+        .args(["rate", "200mbit", "burst", "256kb", "latency", "100ms"])
+        .status()
+        .expect("tc");
+    assert!(throttle.success(), "tc could not throttle node 1's link");
     step("lazy move to node 2, then node 2 killed while pages still move");
     // `krg migrate` answers once every page has moved: kill node 2 while
     // the command still runs and the job already runs there (its body is

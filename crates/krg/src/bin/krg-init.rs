@@ -101,6 +101,16 @@ fn main() {
 
 /// pid 1 of the job. Returns the exit code.
 fn inner_init(plan: &mut spawn::Plan, status: &Status, view: Option<&std::ffi::OsStr>) -> i32 {
+    // The session first: until it leads its own, the job's session leader
+    // is outside its pid namespace, and CRIU refuses to dump it.
+    if let Err(err) = nix::unistd::setsid() {
+        die(
+            status,
+            Step::Setsid,
+            err as i32,
+            "cannot start the job's session",
+        );
+    }
     let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
     if let Err(err) = mount(None::<&str>, "/", None::<&str>, private, None::<&str>) {
         die(
@@ -127,14 +137,6 @@ fn inner_init(plan: &mut spawn::Plan, status: &Status, view: Option<&std::ffi::O
     }
     if let Some(view) = view {
         bind_view(std::path::Path::new(view));
-    }
-    if let Err(err) = nix::unistd::setsid() {
-        die(
-            status,
-            Step::Setsid,
-            err as i32,
-            "cannot start the job's session",
-        );
     }
     let gate = gate(status);
     let pid = match spawn::fork_command(plan, status, gate) {
