@@ -28,6 +28,17 @@ impl Balance {
         Balance { cfg }
     }
 
+    /// Has `job` been here long enough to move? The minimum residence
+    /// guards against moves decided on noisy samples; a move that at least
+    /// doubles the job's CPU is not noise (a job left alone on a slow node
+    /// while a fast one empties), once the samples have had time to count
+    /// its arrival here.
+    fn settled(&self, job: &JobSample, share_here: f64, share_target: f64) -> bool {
+        job.resident_ms >= self.cfg.min_residence_ms
+            || (share_target >= EARLY_MOVE_GAIN * share_here
+                && job.resident_ms >= EARLY_MOVE_MIN_MS.min(self.cfg.min_residence_ms))
+    }
+
     /// What moving `job` costs, in the unit of load (CPUs over the horizon).
     pub fn cost(&self, job: &JobSample) -> f64 {
         job.rss_bytes as f64 / self.cfg.migration_bytes_per_s / self.cfg.horizon_s
@@ -37,6 +48,14 @@ impl Balance {
 /// How much larger a job's CPU share must be on the target: moves that
 /// barely help are not worth a freeze.
 const SHARE_MARGIN: f64 = 0.1;
+
+/// How many times more CPU lets a job move before its minimum residence.
+const EARLY_MOVE_GAIN: f64 = 2.0;
+
+/// The least time on a node before such an early move: the samples count
+/// a job just placed or moved twice for 3 s (`job/place.rs` RECENT,
+/// `policy/task.rs` RECENT_MOVE), which would make its node look busier.
+const EARLY_MOVE_MIN_MS: u64 = 3_000;
 
 /// The share of a CPU one of `load` busy tasks gets on `capacity` CPUs.
 fn cpu_share(capacity: f64, load: f64) -> f64 {
@@ -72,9 +91,7 @@ impl Balancer for Balance {
         // CPU-bound job gets only a share of a CPU: any steady use counts.
         let mut candidates: Vec<&JobSample> = jobs
             .iter()
-            .filter(|j| {
-                j.movable && j.cpu >= BUSY_CPU && j.resident_ms >= self.cfg.min_residence_ms
-            })
+            .filter(|j| j.movable && j.cpu >= BUSY_CPU)
             .collect();
         candidates.sort_by(|a, b| a.rss_bytes.cmp(&b.rss_bytes).then(a.gpid.cmp(&b.gpid)));
         // A busy job's share of a CPU here, where it is one of the load.
@@ -99,6 +116,9 @@ impl Balancer for Balance {
             let Some(target) = target else { continue };
             let share_target = share_there(target);
             if share_target <= share_here * (1.0 + SHARE_MARGIN) {
+                continue;
+            }
+            if !self.settled(job, share_here, share_target) {
                 continue;
             }
             let gain = share_target - share_here;
@@ -213,6 +233,23 @@ mod tests {
     fn a_job_with_a_whole_cpu_does_not_move_to_a_bigger_idle_node() {
         let (counts, moves) = simulate(&[1.0, 4.0], vec![1, 0], 50);
         assert_eq!((counts, moves), (vec![1, 0], 0));
+    }
+
+    #[test]
+    fn a_young_job_moves_early_only_to_twice_the_cpu() {
+        let cfg = SchedConfig {
+            min_residence_ms: 30_000,
+            ..SchedConfig::default()
+        };
+        let mut b = Balance::new(cfg);
+        // Alone at 0.5 CPU, a whole idle CPU elsewhere: twice the CPU.
+        let doubled = vec![sample(1, 0.5, 1.0), sample(2, 1.0, 0.0)];
+        assert_eq!(b.decide(n(1), &doubled, &[job(1, 1 << 20, 1_000)]), vec![]);
+        assert_eq!(b.decide(n(1), &doubled, &[job(1, 1 << 20, 5_000)]).len(), 1);
+        // Three at 1.0 CPU, an idle 0.5-CPU node: 1/3 -> 1/2 is not enough.
+        let better = vec![sample(1, 1.0, 3.0), sample(2, 0.5, 0.0)];
+        assert_eq!(b.decide(n(1), &better, &[job(2, 1 << 20, 5_000)]), vec![]);
+        assert_eq!(b.decide(n(1), &better, &[job(2, 1 << 20, 30_000)]).len(), 1);
     }
 
     #[test]
