@@ -2,7 +2,8 @@
 //! bytes, side by side with ssh (a persistent master connection) and a
 //! local fork+exec, on a 3-node lab cluster. Prints one JSON object per
 //! line. Needs root (it builds a lab); run with `cargo bench --bench
-//! run_latency` (release binaries).
+//! run_latency` (release binaries); `KRG_BENCH_ONLY=latency` stops after
+//! the start latencies.
 //!
 //! Every variant is a process started inside node 1's namespaces, so they
 //! all pay the same spawn cost on this side.
@@ -206,8 +207,17 @@ fn main() {
     latency("local fork+exec", &|| {
         lab.command(1, "/bin/true").expect("node 1")
     });
+    // The client alone: what starting the `krg` binary costs.
+    latency("krg --version (client start only)", &|| {
+        let mut c = lab.command(1, krg).expect("node 1");
+        c.arg("--version");
+        c
+    });
     latency("krg run --node 2", &krg_on("2", &["true"]));
     latency("krg run --node 1 (same node)", &krg_on("1", &["true"]));
+    if std::env::var("KRG_BENCH_ONLY").as_deref() == Ok("latency") {
+        return;
+    }
     let sshd = start_sshd(&lab);
     if let Some(s) = &sshd {
         latency("ssh ControlMaster", &|| ssh_cmd(&lab, s, "true"));

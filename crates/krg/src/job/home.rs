@@ -188,6 +188,7 @@ pub async fn run(
     req: RunRequest,
     mut conn: FrameConn<UnixStream>,
 ) {
+    let t0 = std::time::Instant::now();
     match start(&node, caller, &req).await {
         Err(frame) => {
             let _ = conn.send(&frame).await;
@@ -201,7 +202,10 @@ pub async fn run(
                 drop(conn);
                 tokio::spawn(keep_detached(node.clone(), deputy, link));
             } else {
+                let gpid = deputy.gpid;
+                tracing::debug!(gpid = %gpid, us = t0.elapsed().as_micros(), "timing: deputy has started");
                 relay(node.clone(), conn, deputy, link).await;
+                tracing::debug!(gpid = %gpid, us = t0.elapsed().as_micros(), "timing: deputy done");
             }
         }
     }
