@@ -95,17 +95,32 @@ fn stream(name: &str, mut c: Command) {
     );
 }
 
-/// sshd in node 2, root login with a key made for this run only.
+/// sshd in node 2, a login for `SSH_USER` with a key made for this run
+/// only.
 struct Sshd {
     dir: PathBuf,
     child: std::process::Child,
 }
+
+/// The account ssh logs in as: root's shell start-up files on a
+/// development machine (pyenv, prompts) can cost ssh 100 ms a command,
+/// which says nothing about ssh. A user of this run only, with `/bin/sh`
+/// and no start-up files, is what a fair comparison needs.
+const SSH_USER: &str = "krg-bench-ssh";
 
 impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Its sessions outlive sshd's listener while the master lives.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", SSH_USER])
+            .status();
+        let _ = Command::new("userdel")
+            .arg(SSH_USER)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -126,6 +141,21 @@ fn start_sshd(lab: &Lab) -> Option<Sshd> {
         assert!(st.success());
     }
     std::fs::copy(dir.join("user.pub"), dir.join("authorized_keys")).ok()?;
+    let _ = Command::new("userdel")
+        .arg(SSH_USER)
+        .stderr(Stdio::null())
+        .status();
+    // `-p '*'`: no password, yet not a locked account, which sshd refuses.
+    let made = Command::new("useradd")
+        .args(["-M", "-s", "/bin/sh", "-p", "*", "-d"])
+        .arg(&dir)
+        .arg(SSH_USER)
+        .status()
+        .ok()?;
+    if !made.success() {
+        eprintln!("skipping ssh: useradd {SSH_USER} failed");
+        return None;
+    }
     std::fs::create_dir_all("/run/sshd").ok()?;
     let mut c = lab.command(2, "/usr/sbin/sshd").ok()?;
     c.args(["-D", "-e", "-f", "/dev/null", "-p", "22"])
@@ -180,7 +210,7 @@ fn ssh_cmd(lab: &Lab, sshd: &Sshd, cmd: &str) -> Command {
         .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=120"])
         .arg("-o")
         .arg(format!("ControlPath={}", sshd.dir.join("cm").display()))
-        .arg(format!("root@{}", lab.addr(2).expect("addr")))
+        .arg(format!("{SSH_USER}@{}", lab.addr(2).expect("addr")))
         .arg(cmd);
     c
 }
