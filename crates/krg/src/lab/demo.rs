@@ -123,6 +123,27 @@ fn steps(nodes: u32, name: &str) -> Vec<Step> {
             action: Action::Krg(on(last, &["ps"])),
         },
         Step {
+            title: "Move the running job to node 1".into(),
+            why: "CRIU freezes it on node 2 and restores it on node 1; its memory follows on \
+                  demand (post-copy), its gpid, output and exit status stay. In a fresh lab \
+                  node 1 numbered the two jobs above 1:1 and 1:2."
+                .into(),
+            action: Action::Krg(on(1, &["migrate", "1:2", "1"])),
+        },
+        Step {
+            title: format!("See where it runs now, from node {last}"),
+            why: "Same gpid, new node.".into(),
+            action: Action::Krg(on(last, &["ps"])),
+        },
+        Step {
+            title: "Look at the cluster from inside a job".into(),
+            why: "Inside a job, nproc, /proc/cpuinfo and /proc/meminfo count every node's \
+                  CPUs and memory: the cluster looks like one machine (here 3 nodes of this \
+                  machine's CPUs)."
+                .into(),
+            action: Action::Krg(on(1, &["run", "--", "nproc"])),
+        },
+        Step {
             title: format!("Crash node {last}"),
             why: format!(
                 "`krg lab kill {last}` kills node {last}'s krgd and everything it runs, \
@@ -163,10 +184,6 @@ fn steps(nodes: u32, name: &str) -> Vec<Step> {
             why: "It kept its identity and membership across the crash.".into(),
             action: Action::Krg(on(last, &["cluster", "status"])),
         },
-        // Later features add their steps here, e.g.
-        //   krg migrate: move the background job to another node, and show
-        //   with `krg ps` that it kept its gpid and keeps running
-        //   checkpoint and restart: the same job from its image
     ]
 }
 
@@ -373,6 +390,9 @@ mod tests {
                 "lab exec 1 -- krg run --node 2 -- hostname",
                 "lab exec 1 -- krg run --detach --node 2 -- sleep 3600",
                 "lab exec 3 -- krg ps",
+                "lab exec 1 -- krg migrate 1:2 1",
+                "lab exec 3 -- krg ps",
+                "lab exec 1 -- krg run -- nproc",
                 "lab kill 3",
                 "lab start 3",
                 "lab exec 3 -- krg cluster status",
