@@ -1172,7 +1172,6 @@ fn wait_all_up(lab: &Lab) {
 /// the job running on node 1. Node 1's link is throttled to 200 Mbit/s so
 /// that the pages take seconds to move however fast the machine.
 #[test]
-#[ignore = "bug: when the target dies during post-copy, CRIU's page server (page-xfer.c, page_server_serve) takes the lazy-pages client's closed connection for a normal end, the dump succeeds and kills the source's tasks: the job is lost unless the close comes as a reset; fix: lazy dumps leave the tasks stopped and krgd kills them only once the target confirms (see docs/migration.md)"]
 fn lab_migration_target_dies_during_post_copy() {
     let Some(lab) = lab_up() else { return };
     let scratch = Scratch::new("postcopy");

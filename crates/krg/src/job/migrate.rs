@@ -405,7 +405,16 @@ async fn migrate(
         req.memory = MemoryTransfer::Lazy { port: p };
         req.notices = Some(notice_tx);
     }
-    req.after = AfterDump::Kill;
+    // A lazy dump ends when CRIU's page server has no client left, which
+    // it also takes for success when the target died mid-transfer: the
+    // job's tasks are then left stopped, and killed only once the target
+    // confirms it runs the job (`confirm_moved`).
+    req.after = if port.is_some() {
+        AfterDump::Stop
+    } else {
+        AfterDump::Kill
+    };
+    let originals = ctl.cgroup.pids();
     let rss = ctl.cgroup.rss_bytes();
     let criu = node.criu.clone();
     let mut dump = Some(tokio::task::spawn_blocking(move || criu.dump(&req)));
@@ -432,6 +441,12 @@ async fn migrate(
                 // killed the job: it is still here, frozen.
                 Some(Ok(Err(e))) => {
                     stay_here(node, ctl, pumps, tx, taken, &dir, e.to_string()).await
+                }
+                Some(Ok(Ok(_))) => {
+                    // Left stopped (a lazy dump never kills): continue them.
+                    signal_all(&originals, libc::SIGCONT);
+                    let why = "the page server did not start".to_string();
+                    stay_here(node, ctl, pumps, tx, taken, &dir, why).await
                 }
                 _ => {
                     let why = "the page server did not start".to_string();
@@ -483,8 +498,14 @@ async fn migrate(
             // target's copy is killed before its output reached anyone,
             // and the job goes on here: never lost, never twice.
             if let Some(d) = dump.take() {
-                let transferred = matches!(d.await, Ok(Ok(_)));
-                if !transferred {
+                let transferred = matches!(d.await, Ok(Ok(_)))
+                    && confirm_moved(node, target, &target_addr, gpid).await;
+                if transferred {
+                    // SIGKILL waits for the thaw to be delivered.
+                    signal_all(&originals, libc::SIGKILL);
+                    let _ = ctl.cgroup.set_frozen(false);
+                } else {
+                    signal_all(&originals, libc::SIGCONT);
                     let kill = PeerRequest::SignalJob {
                         gpid,
                         signal: libc::SIGKILL,
@@ -537,7 +558,7 @@ async fn migrate(
                 Err(e) => e.to_string(),
                 Ok(_) => "unexpected answer".into(),
             };
-            let lazy = port.map(|p| (("127.0.0.1".to_string(), p), dump.take()));
+            let lazy = port.map(|p| (("127.0.0.1".to_string(), p), dump.take(), originals));
             fail_here(
                 node,
                 ctl,
@@ -552,6 +573,30 @@ async fn migrate(
             )
             .await
         }
+    }
+}
+
+/// Sends `signal` to each of `pids` (a job's tasks, listed while frozen).
+fn signal_all(pids: &[i32], signal: i32) {
+    for &pid in pids {
+        // SAFETY: plain kill(2); a pid that has gone meanwhile is ignored.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Does `target` run job `gpid` now? Asked after a lazy dump ended, which
+/// CRIU also reports as a success when the target died with its
+/// connection closed cleanly: only the target's word says the move is done.
+async fn confirm_moved(node: &Arc<Node>, target: NodeId, addr: &str, gpid: Gpid) -> bool {
+    let asked = node
+        .peers
+        .call(target, addr, PeerRequest::ListJobs, Duration::from_secs(5))
+        .await;
+    match asked {
+        Ok(PeerResponse::Jobs(jobs)) => jobs
+            .iter()
+            .any(|j| j.gpid == gpid && j.node == Some(target) && j.exit.is_none()),
+        _ => false,
     }
 }
 
@@ -595,7 +640,7 @@ async fn fail_here(
     taken: Taken,
     dir: &std::path::Path,
     keys: &StreamKeys,
-    lazy: Option<((String, u16), Option<DumpTask>)>,
+    lazy: Option<((String, u16), Option<DumpTask>, Vec<i32>)>,
     why: String,
 ) -> (Result<MigrationReport, RemoteError>, After) {
     let gpid = ctl.gpid;
@@ -609,7 +654,7 @@ async fn fail_here(
         images_dir: dir.to_string_lossy().into_owned(),
         keys: *keys,
         carry: taken.carry.clone(),
-        lazy: lazy.as_ref().map(|(l, _)| l.clone()),
+        lazy: lazy.as_ref().map(|(l, _, _)| l.clone()),
     };
     node.jobs.bodies_remove(gpid);
     // A task of its own: the restored body's supervisor is this very kind
@@ -618,8 +663,11 @@ async fn fail_here(
         Ok(_) => {
             // The restored body is a new body here, waiting for its deputy.
             let _ = tx.send(FromBody::Moved { node: node.id }).await;
-            if let Some((_, Some(d))) = lazy {
+            if let Some((_, Some(d), originals)) = lazy {
                 let _ = d.await;
+                // The lazy dump left the job's first tasks stopped.
+                signal_all(&originals, libc::SIGKILL);
+                let _ = ctl.cgroup.set_frozen(false);
             }
             (
                 Err(internal(format!(
