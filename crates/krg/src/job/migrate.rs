@@ -628,6 +628,10 @@ async fn stay_here(
 /// has been pulled).
 type DumpTask = tokio::task::JoinHandle<Result<crate::criu::DumpOutcome, crate::criu::CriuError>>;
 
+/// A lazy move's source side: our page server's address, the dump serving
+/// it, and the job's tasks that dump left stopped.
+type LazySource = ((String, u16), Option<DumpTask>, Vec<i32>);
+
 /// The target failed after the dump: bring the job back here from the same
 /// images (and, after a lazy dump, from our own page server).
 #[allow(clippy::too_many_arguments)]
@@ -640,7 +644,7 @@ async fn fail_here(
     taken: Taken,
     dir: &std::path::Path,
     keys: &StreamKeys,
-    lazy: Option<((String, u16), Option<DumpTask>, Vec<i32>)>,
+    lazy: Option<LazySource>,
     why: String,
 ) -> (Result<MigrationReport, RemoteError>, After) {
     let gpid = ctl.gpid;
