@@ -515,10 +515,7 @@ async fn migrate(
                         .peers
                         .call(target, &target_addr, kill, Duration::from_secs(5))
                         .await;
-                    node.metrics
-                        .failures
-                        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
-                        .inc();
+                    count_failure(node);
                     taken.give_back(ctl, pumps, tx);
                     let _ = tx.send(FromBody::Resumed).await;
                     let _ = std::fs::remove_dir_all(&dir);
@@ -576,6 +573,14 @@ async fn migrate(
     }
 }
 
+/// One more failed migration in this node's metrics.
+fn count_failure(node: &Node) {
+    node.metrics
+        .failures
+        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
+        .inc();
+}
+
 /// Sends `signal` to each of `pids` (a job's tasks, listed while frozen).
 fn signal_all(pids: &[i32], signal: i32) {
     for &pid in pids {
@@ -611,10 +616,7 @@ async fn stay_here(
     dir: &std::path::Path,
     why: String,
 ) -> (Result<MigrationReport, RemoteError>, After) {
-    node.metrics
-        .failures
-        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
-        .inc();
+    count_failure(node);
     taken.give_back(ctl, pumps, tx);
     let _ = tx.send(FromBody::Resumed).await;
     let _ = std::fs::remove_dir_all(dir);
@@ -648,10 +650,7 @@ async fn fail_here(
     why: String,
 ) -> (Result<MigrationReport, RemoteError>, After) {
     let gpid = ctl.gpid;
-    node.metrics
-        .failures
-        .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
-        .inc();
+    count_failure(node);
     tracing::warn!(gpid = %gpid, reason = %why, "migration failed after the dump; restoring here");
     let job = RestoreJob {
         spec: spec_now(ctl),
