@@ -18,18 +18,24 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const RECENT_MOVE: Duration = Duration::from_secs(3);
 
 /// The cluster for balancing: load is the number of runnable tasks now (the
-/// averages lag behind moves), corrected by our moves gossip has not shown.
+/// averages lag behind moves). Ours is counted afresh (a move has ended
+/// when `migrate_local` returns); the others' as gossip last told it,
+/// with our moves to them it may not show yet.
 fn balancing_samples(node: &Node, moved: &[(krg_types::NodeId, Instant)]) -> Vec<NodeSample> {
     let mut nodes = crate::job::place::samples(node);
+    let scope = node.config.load_scope;
+    let own = tokio::task::block_in_place(|| crate::probe::runnable_now(scope));
     for n in &mut nodes {
+        if n.id == node.id {
+            // Jobs placed here lately are in the fresh count already.
+            n.load = f64::from(own);
+            n.pending = 0.0;
+            continue;
+        }
         if let Some(l) = node.view().load(n.id) {
             n.load = f64::from(l.runnable);
         }
-        let arrived = moved.iter().filter(|(t, _)| *t == n.id).count() as f64;
-        n.pending += arrived;
-        if n.id == node.id {
-            n.load = (n.load - moved.len() as f64).max(0.0);
-        }
+        n.pending += moved.iter().filter(|(t, _)| *t == n.id).count() as f64;
     }
     nodes
 }

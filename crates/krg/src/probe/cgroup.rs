@@ -104,15 +104,18 @@ pub fn memory_usage() -> Option<u64> {
 }
 
 /// Runnable tasks (state R) in our cgroup subtree, krgd's own threads
-/// excepted (the one probing is always running).
+/// (the one probing is always running) and its CRIU helpers excepted.
 pub fn runnable_tasks() -> u32 {
-    let own: std::collections::HashSet<String> = fs::read_dir("/proc/self/task")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut own = super::helpers::criu_threads();
+    own.extend(
+        fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    );
     let Some(dir) = own_dir(if is_v2() { "" } else { "cpu" }) else {
         return 0;
     };
@@ -143,7 +146,7 @@ pub fn runnable_tasks() -> u32 {
     count
 }
 
-fn task_is_running(tid: &str) -> bool {
+pub fn task_is_running(tid: &str) -> bool {
     let Ok(stat) = fs::read_to_string(format!("/proc/{tid}/stat")) else {
         return false;
     };

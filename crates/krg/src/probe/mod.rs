@@ -5,6 +5,7 @@
 //! one machine: each node must see its own load, not its neighbours').
 
 pub mod cgroup;
+pub mod helpers;
 
 use crate::gossip::NodeLoad;
 use std::fs;
@@ -117,6 +118,16 @@ pub fn meminfo() -> (u64, u64) {
     (field("MemTotal:"), field("MemAvailable:"))
 }
 
+/// Runnable tasks on this node now, as the load probe counts them.
+pub fn runnable_now(scope: LoadScope) -> u32 {
+    match scope {
+        LoadScope::System => system_loadavg().3,
+        LoadScope::Cgroup => cgroup::runnable_tasks(),
+    }
+}
+
+/// The machine's load averages, and its runnable tasks now less the one
+/// reading them and krgd's CRIU helpers (`helpers`).
 fn system_loadavg() -> (f64, f64, f64, u32) {
     let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut it = text.split_whitespace();
@@ -129,6 +140,11 @@ fn system_loadavg() -> (f64, f64, f64, u32) {
         .and_then(|s| s.parse::<u32>().ok())
         .unwrap_or(0)
         .saturating_sub(1);
+    let helpers = helpers::criu_threads()
+        .iter()
+        .filter(|tid| cgroup::task_is_running(tid))
+        .count();
+    let runnable = runnable.saturating_sub(u32::try_from(helpers).unwrap_or(u32::MAX));
     (l1, l5, l15, runnable)
 }
 
