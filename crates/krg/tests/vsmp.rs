@@ -946,10 +946,12 @@ fn lab_process_table(lab: &Lab) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             table,
-            "{} ppid {} pgrp {pgrp} node {node} {} blk {} ign {} cgt {} {}",
+            "{} ppid {} pgrp {pgrp} node {node} {} pnd {} shd {} blk {} ign {} cgt {} {}",
             entry.file_name().to_string_lossy(),
             field("PPid:"),
             field("State:"),
+            field("SigPnd:"),
+            field("ShdPnd:"),
             field("SigBlk:"),
             field("SigIgn:"),
             field("SigCgt:"),
@@ -997,7 +999,7 @@ fn cc1_in(dir: &Path) -> usize {
 /// terminal's Ctrl-C does) by SIGINT to the group once every cc1 runs,
 /// ends with 130 or 2 (see [`INTERRUPTED_MAKE`]). Then `krg run --node 1
 /// --cap +DISTANT_FORK -- make -j12 objs`; once all 12 compilations have
-/// started, on nodes 1, 2 and 3, and cc1 runs on 2 nodes or more, SIGINT
+/// started, on nodes 1, 2 and 3, and every cc1 runs, SIGINT
 /// to the `krg run` process: it must end within 5 s with 130 or 2, and
 /// within 10 s more no cc1 is left on any node, no process is left in the
 /// build's directory, and `krg ps --json` lists no job on any node.
@@ -1044,10 +1046,13 @@ fn lab_vsmp_ctrl_c_stops_the_build_everywhere() {
         &make_args,
     ));
     // All 12 compilations start at once and the scheduler spreads them.
-    // Ctrl-C only once each has started: GNU make itself may miss the
-    // signal in a child it is starting (seen locally: 4 times in 60, the
-    // build then ends when that compilation does), and a distant exec
-    // takes longer to start than a local one.
+    // Ctrl-C only once every cc1 runs, as for the local make: a SIGINT
+    // that reaches `sh -c "echo ...; cc ..."` while it is between vfork
+    // and exec of cc is lost for cc (dash's handler, shared with the
+    // vforked child, drops it there) and make waits for that compilation.
+    // Without krg, a Ctrl-C just after the last "compiled" line leaves
+    // make waiting in 29 runs of 40 (0 of 30 once every cc1 runs); the
+    // nodes' logs showed the signal reaching every job's init.
     build.read_until(
         Duration::from_secs(30),
         "every compilation started",
@@ -1061,12 +1066,12 @@ fn lab_vsmp_ctrl_c_stops_the_build_everywhere() {
         "compilations on every node: {:?}",
         build.seen
     );
-    let cc1_nodes = lab::wait_until(WAIT, "cc1 running on 2 nodes or more", || {
-        let nodes: BTreeSet<u32> = lab_processes(&lab, "cc1").iter().map(|p| p.1).collect();
-        if nodes.len() >= 2 {
-            Ok(nodes)
+    let cc1_nodes = lab::wait_until(WAIT, "every cc1 running in the lab", || {
+        let cc1 = lab_processes(&lab, "cc1");
+        if cc1.len() >= SLOW_FILES as usize {
+            Ok(cc1.iter().map(|p| p.1).collect::<BTreeSet<u32>>())
         } else {
-            Err(format!("cc1 on nodes {nodes:?}"))
+            Err(format!("cc1 (pid, node): {cc1:?}"))
         }
     })
     .unwrap();

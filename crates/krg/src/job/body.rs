@@ -113,6 +113,7 @@ impl BodyCtl {
     /// by a process group without a parent in its session).
     pub fn signal(&self, sig: i32) {
         let init = self.init_pid.load(Ordering::SeqCst);
+        tracing::debug!(gpid = %self.gpid, sig, init, "signal for the job");
         match sig {
             libc::SIGKILL => self.cgroup.kill_all(),
             libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU => {

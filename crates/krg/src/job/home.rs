@@ -360,7 +360,12 @@ async fn relay(node: Arc<Node>, conn: FrameConn<UnixStream>, deputy: Arc<Deputy>
     loop {
         tokio::select! {
             m = up_rx.recv(), if client_alive => match m {
-                Some(frame) => dl.send(frame).await,
+                Some(frame) => {
+                    if let ToBody::Signal(sig) = frame {
+                        tracing::debug!(gpid = %deputy.gpid, sig, "signal from the user");
+                    }
+                    dl.send(frame).await
+                }
                 None => {
                     client_alive = false;
                     if deputy.state() == DeputyState::Checkpointed {
