@@ -16,7 +16,6 @@ use krg_types::{Gpid, NodeId};
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -315,54 +314,88 @@ async fn spawn_init(
         status: status_w,
     } = ends;
     let view = view_for(node, spec);
-    let mut cmd = std::process::Command::new(&node.init_path);
-    cmd.args(init_args(spec, cgroup, view.as_deref()))
-        .env_clear()
-        .envs(spec.env.iter().filter_map(|e| {
-            let pos = e.iter().position(|b| *b == b'=')?;
-            Some((
-                OsStr::from_bytes(&e[..pos]),
-                OsStr::from_bytes(&e[pos + 1..]),
-            ))
-        }))
-        .env("KRG_GPID", spec.gpid.to_string())
-        .env("KRG_NODE", node.id.to_string())
-        // The job's krg talks to the krgd of the node it runs on.
-        .env("KRG_SOCKET", &node.config.socket)
-        // A marker of distant exec, about the process that carried it,
-        // never about a new job.
-        .env_remove("KRG_DISTANT_FORK");
+    let mut env = Env::from_entries(&spec.env);
+    env.set("KRG_GPID", spec.gpid.to_string());
+    env.set("KRG_NODE", node.id.to_string());
+    // The job's krg talks to the krgd of the node it runs on.
+    env.set("KRG_SOCKET", node.config.socket.as_os_str().as_bytes());
+    // A marker of distant exec, about the process that carried it, never
+    // about a new job.
+    env.remove("KRG_DISTANT_FORK");
     if let Some(v) = &view {
-        cmd.env("KRG_VIEW", v);
+        env.set("KRG_VIEW", v.as_os_str().as_bytes());
         if let Some(preload) = &node.preload_path {
             // krg-init puts it first in the command's LD_PRELOAD; krg-init
             // itself must not load it.
-            cmd.env("KRG_PRELOAD", preload);
+            env.set("KRG_PRELOAD", preload.as_os_str().as_bytes());
         }
     }
     if let Some(krg) = &node.krg_path {
-        cmd.env("KRG_BIN", krg);
+        env.set("KRG_BIN", krg.as_os_str().as_bytes());
     }
-    cmd.stdin(child_in).stdout(child_out).stderr(child_err);
-    let status_fd = status_w.as_raw_fd();
-    // SAFETY: the closure only calls dup2, which is async-signal-safe, on
-    // descriptors that stay open in the child until exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(status_fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
+    let spawn = super::spawn::Spawn {
+        program: node.init_path.as_os_str(),
+        args: init_args(spec, cgroup, view.as_deref())
+            .iter()
+            .map(|a| AsRef::<OsStr>::as_ref(a).as_bytes().to_vec())
+            .collect(),
+        env: env.into_entries(),
+        fds: vec![
+            (child_in.as_raw_fd(), 0),
+            (child_out.as_raw_fd(), 1),
+            (child_err.as_raw_fd(), 2),
+            (status_w.as_raw_fd(), 3),
+        ],
+    };
+    let pid = spawn
+        .start()
         .map_err(|e| internal(me, "cannot run krg-init", e))?;
-    drop(cmd);
-    drop(status_w);
+    drop((child_in, child_out, child_err, status_w));
     // The outer krg-init exits at once; reap it off the runtime's threads.
-    tokio::task::spawn_blocking(move || child.wait());
+    tokio::task::spawn_blocking(move || {
+        let mut st = 0;
+        // SAFETY: our own child, reaped here only.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+    });
     Ok((io, status))
+}
+
+/// A process environment as `KEY=value` entries, in order, each key once.
+struct Env(Vec<Vec<u8>>);
+
+impl Env {
+    fn from_entries<E: AsRef<[u8]>>(entries: &[E]) -> Env {
+        let mut env = Env(Vec::with_capacity(entries.len() + 8));
+        for e in entries.iter().map(AsRef::as_ref) {
+            if let Some(pos) = e.iter().position(|b| *b == b'=') {
+                env.set(&e[..pos], &e[pos + 1..]);
+            }
+        }
+        env
+    }
+
+    fn key(entry: &[u8]) -> &[u8] {
+        entry.split(|b| *b == b'=').next().unwrap_or(entry)
+    }
+
+    fn set(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let key = key.as_ref();
+        let mut entry = key.to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_ref());
+        match self.0.iter_mut().find(|e| Env::key(e) == key) {
+            Some(old) => *old = entry,
+            None => self.0.push(entry),
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.0.retain(|e| Env::key(e) != key.as_bytes());
+    }
+
+    fn into_entries(self) -> Vec<Vec<u8>> {
+        self.0
+    }
 }
 
 async fn run(
