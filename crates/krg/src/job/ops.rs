@@ -474,30 +474,52 @@ pub async fn migrate(
     mode: super::migrate::MigrateMode,
     uid: u32,
 ) -> Result<super::migrate::MigrationReport, RemoteError> {
-    // The body may have just moved: a node that no longer has it makes us
-    // look again, once, by asking every node.
+    on_body_node(
+        node,
+        gpid,
+        || migrate_local(node, gpid, target, mode, uid),
+        || PeerRequest::Migrate {
+            gpid,
+            target,
+            mode,
+            uid,
+        },
+        |r| match r {
+            PeerResponse::Migrated(r) => Some(r),
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// Runs an operation where the job's body runs: `local` if here, else
+/// `request` to that node, whose answer `answer` unpacks. The body may
+/// have just moved: a node that no longer has it makes us look again,
+/// once, by asking every node.
+async fn on_body_node<T, Fut>(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    local: impl Fn() -> Fut,
+    request: impl Fn() -> PeerRequest,
+    answer: fn(PeerResponse) -> Option<T>,
+) -> Result<T, RemoteError>
+where
+    Fut: std::future::Future<Output = Result<T, RemoteError>>,
+{
     let mut at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
     for attempt in 0..2 {
         let r = if at == node.id {
-            migrate_local(node, gpid, target, mode, uid).await
+            local().await
         } else {
             let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
-            let req = PeerRequest::Migrate {
-                gpid,
-                target,
-                mode,
-                uid,
-            };
-            match node
-                .peers
-                .call(at, &addr, req, BODY_CMD_TIMEOUT)
+            node.peers
+                .call(at, &addr, request(), BODY_CMD_TIMEOUT)
                 .await
                 .map_err(remote)
-            {
-                Ok(PeerResponse::Migrated(r)) => Ok(r),
-                Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
-                Err(e) => Err(e),
-            }
+                .and_then(|r| {
+                    answer(r)
+                        .ok_or_else(|| RemoteError::new(ErrorCode::Internal, "unexpected answer"))
+                })
         };
         match r {
             Err(e) if e.code == ErrorCode::NotFound && attempt == 0 => {
@@ -524,32 +546,17 @@ pub async fn checkpoint(
     after: super::migrate::CheckpointAfter,
     uid: u32,
 ) -> Result<crate::image::ImageRecord, RemoteError> {
-    let mut at = body_node(node, gpid).await.ok_or_else(|| not_found(gpid))?;
-    for attempt in 0..2 {
-        let r = if at == node.id {
-            checkpoint_local(node, gpid, after, uid).await
-        } else {
-            let addr = addr_of(node, at).ok_or_else(|| not_found(gpid))?;
-            let req = PeerRequest::Checkpoint { gpid, after, uid };
-            match node
-                .peers
-                .call(at, &addr, req, BODY_CMD_TIMEOUT)
-                .await
-                .map_err(remote)
-            {
-                Ok(PeerResponse::ImageSaved(r)) => Ok(r),
-                Ok(_) => Err(RemoteError::new(ErrorCode::Internal, "unexpected answer")),
-                Err(e) => Err(e),
-            }
-        };
-        match r {
-            Err(e) if e.code == ErrorCode::NotFound && attempt == 0 => {
-                at = find_body(node, gpid).await.ok_or_else(|| not_found(gpid))?;
-            }
-            other => return other,
-        }
-    }
-    Err(not_found(gpid))
+    on_body_node(
+        node,
+        gpid,
+        || checkpoint_local(node, gpid, after, uid),
+        || PeerRequest::Checkpoint { gpid, after, uid },
+        |r| match r {
+            PeerResponse::ImageSaved(r) => Some(r),
+            _ => None,
+        },
+    )
+    .await
 }
 
 /// Images the caller may see: all for root, their own otherwise (images
