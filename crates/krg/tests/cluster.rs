@@ -17,12 +17,15 @@
 //! inspection (`krg lab status --name <lab>`, node logs under
 //! `/run/krg-lab/<lab>/n<K>/krgd.log`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use common::{lab_options, processes, serial, step, text, try_krg_within};
 
 use krg::identity::{ca, tls};
 use krg::lab::{self, require_root_or_skip, wait_until, Lab, LabOptions};
@@ -55,30 +58,17 @@ const JOINER_PORT: u16 = 7471;
 /// Seeds the "random" garbage so that a failure can be replayed.
 const GARBAGE_SEED: u64 = 0x6b72_6721;
 
-/// One lab test at a time in this process (see the module comment).
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// A lab name unique to this topic and this test process.
 fn lab_name(topic: &str) -> String {
     format!("c{topic}{}", std::process::id())
-}
-
-fn step(what: &str) {
-    eprintln!("--- {what}");
 }
 
 /// Make a 3-node lab of the real daemons, each reporting its own cgroup's
 /// load; returns it and how long it took until 3 nodes were up.
 fn up(topic: &str) -> (Lab, Duration) {
     let options = LabOptions {
-        krgd: Some(env!("CARGO_BIN_EXE_krgd").into()),
-        krg: Some(env!("CARGO_BIN_EXE_krg").into()),
-        krgd_args: vec!["--load-scope".into(), "cgroup".into()],
         timeout: FORM_TIMEOUT,
-        ..LabOptions::new(lab_name(topic), 3)
+        ..lab_options(lab_name(topic))
     };
     let started = Instant::now();
     let lab = Lab::up(options).expect("the lab cluster forms");
@@ -91,29 +81,9 @@ fn up(topic: &str) -> (Lab, Duration) {
     (lab, took)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// `krg ARGS` on node K: its stdout, or why it failed.
 fn try_krg(lab: &Lab, k: u32, args: &[&str]) -> Result<String, String> {
-    let (_, krg) = lab.binaries();
-    let mut argv = vec![krg.to_string_lossy().into_owned()];
-    argv.extend(args.iter().map(|a| a.to_string()));
-    let out = lab
-        .run_timeout(k, &argv, Duration::from_secs(10))
-        .map_err(|e| format!("{e:#}"))?;
-    if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(format!(
-            "`krg {}` on node {k}: {}: {}{}",
-            args.join(" "),
-            out.status,
-            text(&out.stdout),
-            text(&out.stderr)
-        ))
-    }
+    try_krg_within(lab, k, args, Duration::from_secs(10))
 }
 
 fn krg(lab: &Lab, k: u32, args: &[&str]) -> String {
@@ -576,15 +546,8 @@ fn netns_of(name: &str) -> Vec<String> {
 /// Pids of the live `krgd` processes whose `--state-dir` is below `dir`.
 fn krgd_processes_under(dir: &Path) -> Vec<u32> {
     let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+    for (pid, proc_dir) in processes() {
+        let Ok(cmdline) = fs::read(proc_dir.join("cmdline")) else {
             continue;
         };
         let args: Vec<String> = cmdline

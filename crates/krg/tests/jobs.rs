@@ -10,57 +10,35 @@
 //! skipped with a reason, unless `KRG_REQUIRE_LAB=1` makes that a failure.
 //! Small programs the tests compile live in `tests/workloads/`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use krg::lab::{self, Lab, LabOptions};
+use common::{
+    compile, krg_as_nobody, krg_cmd, ok_within, output_of, processes, reader_thread, show, stderr,
+    stdout, step, workload, Input, Running, Scratch, KRG, NOBODY_UID, WAIT,
+};
+use krg::lab::{self, Lab};
 use krg_types::Gpid;
 use serde_json::Value;
 
-const KRG: &str = env!("CARGO_BIN_EXE_krg");
-const KRGD: &str = env!("CARGO_BIN_EXE_krgd");
-/// Longest wait for something that should happen at once.
-const WAIT: Duration = Duration::from_secs(10);
 /// Longest a single `krg` command may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-/// `setpriv` arguments that make a command run as user 65534 (nobody).
-const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
-const NOBODY_UID: u32 = 65534;
 
 // ---------------------------------------------------------------- the lab
-
-/// A lab name no other test (or test process) uses.
-fn lab_name() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "j{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    )
-}
 
 /// A 3-node lab running this build's daemons, or `None` (skipped) without
 /// root.
 fn lab_up() -> Option<Lab> {
-    if !lab::require_root_or_skip() {
-        return None;
-    }
-    let options = LabOptions {
-        krgd: Some(KRGD.into()),
-        krg: Some(KRG.into()),
-        krgd_args: vec!["--load-scope".into(), "cgroup".into()],
-        ..LabOptions::new(lab_name(), 3)
-    };
-    let lab = Lab::up(options).expect("the lab comes up");
+    let lab = common::lab_up("j")?;
     // `Lab::up` returns once node 1 lists every node `up`; a node node 1
     // has not heard gossip from yet counts as alive only until 1 s after
     // node 1's own start, and then shows `suspect` (and `krg run --node N`
@@ -84,65 +62,10 @@ fn lab_up() -> Option<Lab> {
     Some(lab)
 }
 
-fn step(what: &str) {
-    eprintln!("--- {what}");
-}
-
-/// A directory of its own under /tmp that every user can enter (the lab's
-/// nodes share this machine's file system), removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "krg-jobs-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creates a scratch directory");
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
-        Scratch(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The C source of a workload in tests/workloads/.
-fn workload(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/workloads")
-        .join(name)
-}
-
-/// Compile `source` with `compiler` into `out`.
-fn compile(compiler: &str, source: &Path, out: &Path) {
-    let output = Command::new(compiler)
-        .arg("-O1")
-        .arg("-o")
-        .arg(out)
-        .arg(source)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
-    assert!(
-        output.status.success(),
-        "{compiler} {} failed: {}",
-        source.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+/// A directory of its own under /tmp that every user can enter, removed at
+/// the end.
+fn new_scratch(tag: &str) -> Scratch {
+    Scratch::new(&format!("jobs-{tag}"), 0o755)
 }
 
 fn on_path(program: &str) -> bool {
@@ -152,116 +75,9 @@ fn on_path(program: &str) -> bool {
 
 // --------------------------------------------------------- running things
 
-/// `krg ARGS` on node K (as root), from /tmp.
-fn krg_cmd(lab: &Lab, k: u32, args: &[&str]) -> Command {
-    let mut command = lab.command(k, KRG).expect("the node exists");
-    command.args(args).current_dir("/tmp");
-    command
-}
-
-/// `krg ARGS` on node K as user 65534, from /tmp.
-fn krg_as_nobody(lab: &Lab, k: u32, args: &[&str]) -> Command {
-    let mut command = lab.command(k, "setpriv").expect("the node exists");
-    command
-        .args(AS_NOBODY)
-        .arg(KRG)
-        .args(args)
-        .current_dir("/tmp");
-    command
-}
-
-/// What a command run by [`output_of`] gets on stdin.
-enum Input {
-    /// A pipe that stays open, unwritten, until the command has ended: a
-    /// terminal nobody types into. Jobs that do not read stdin see no end
-    /// of file; `krg run` then writes nothing to krgd as its job ends (the
-    /// end of stdin racing the job's end is lab_jobs_quick_jobs_end_cleanly's
-    /// business).
-    Idle,
-    /// These bytes, then end of file.
-    Bytes(Vec<u8>),
-    /// Whatever the command was given (`Command::stdin`).
-    AsSet,
-}
-
-/// Run `command` to its end (at most `timeout`, then it is killed and the
-/// test fails) with `input` on stdin.
-fn output_of(mut command: Command, input: Input, timeout: Duration) -> Output {
-    let what = format!("{command:?}");
-    if !matches!(input, Input::AsSet) {
-        command.stdin(Stdio::piped());
-    }
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let mut idle = None;
-    match input {
-        Input::Idle => idle = child.stdin.take(),
-        Input::Bytes(bytes) => {
-            let mut stdin = child.stdin.take().expect("stdin is piped");
-            thread::spawn(move || {
-                let _ = stdin.write_all(&bytes);
-            });
-        }
-        Input::AsSet => {}
-    }
-    let stdout = reader_thread(child.stdout.take().expect("stdout is piped"));
-    let stderr = reader_thread(child.stderr.take().expect("stderr is piped"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let out = stdout.join().unwrap_or_default();
-            let err = stderr.join().unwrap_or_default();
-            panic!(
-                "{what} did not end within {timeout:?}; stdout: {:?}; stderr: {:?}",
-                String::from_utf8_lossy(&out),
-                String::from_utf8_lossy(&err)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    drop(idle);
-    Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
-}
-
-fn reader_thread(mut from: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = from.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
 /// Run `command` with an idle stdin (see [`Input::Idle`]).
 fn run(command: Command) -> Output {
     output_of(command, Input::Idle, RUN_TIMEOUT)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}; stdout: {:?}; stderr: {:?}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    )
 }
 
 /// The exit code, failing the test if it died from a signal.
@@ -273,9 +89,7 @@ fn code(out: &Output) -> i32 {
 
 /// Stdout of a command that must succeed.
 fn ok(command: Command) -> String {
-    let out = run(command);
-    assert!(out.status.success(), "failed: {}", show(&out));
-    stdout(&out)
+    ok_within(command, RUN_TIMEOUT)
 }
 
 /// `krg ps --json` on node K.
@@ -314,168 +128,6 @@ fn wait_gone_from_ps(lab: &Lab, k: u32, gpid: &str) {
         }
     })
     .unwrap();
-}
-
-/// A command running in the background whose stdout is read line by line.
-struct Running {
-    what: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    status: Option<ExitStatus>,
-}
-
-impl Running {
-    /// Start `command` with an idle stdin (see [`Input::Idle`]: the pipe's
-    /// write end stays in `child` until the end).
-    fn spawn(mut command: Command) -> Running {
-        let what = format!("{command:?}");
-        command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout is piped");
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Running {
-            what,
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("a pid fits in i32")
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) has no memory-safety preconditions; the child is
-        // ours and not yet reaped, so the pid is still its own.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    /// The write end of its stdin (until [`Running::close_stdin`]).
-    fn stdin(&mut self) -> &mut std::process::ChildStdin {
-        self.child.stdin.as_mut().expect("stdin still open")
-    }
-
-    fn close_stdin(&mut self) {
-        drop(self.child.stdin.take());
-    }
-
-    /// Lines that have arrived so far (not waiting).
-    fn drain(&mut self) -> &[String] {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        &self.seen
-    }
-
-    /// Wait for the next line matching `want`; returns it.
-    fn expect_line(&mut self, want: impl Fn(&str) -> bool, what: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if want(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no line {what} ({}); lines: {:?}; stderr: {:?}",
-                    self.what,
-                    match e {
-                        mpsc::RecvTimeoutError::Timeout => format!("none within {WAIT:?}"),
-                        mpsc::RecvTimeoutError::Disconnected => "its stdout closed".to_string(),
-                    },
-                    self.seen,
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    /// Whether the process is still running.
-    fn alive(&mut self) -> bool {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status.is_none()
-    }
-
-    /// Wait for the process to end, at most `timeout`.
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        while self.alive() {
-            if Instant::now() >= deadline {
-                let lines = self.drain().to_vec();
-                panic!(
-                    "{} did not end within {timeout:?}; lines: {lines:?}; stderr: {:?}",
-                    self.what,
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.status.expect("ended")
-    }
-
-    /// Every line, once the process has ended and its stdout closed.
-    fn all_lines(&mut self) -> Vec<String> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(line) => self.seen.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return self.seen.clone(),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("{}: stdout still open after {WAIT:?}", self.what)
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// Is process `pid` stopped (state T)?
@@ -606,15 +258,8 @@ fn node_processes(lab: &Lab, k: u32) -> BTreeSet<u32> {
 /// The children of `pid` (any state, zombies included).
 fn children_of(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+    for (child, dir) in processes() {
+        let Ok(stat) = fs::read_to_string(dir.join("stat")) else {
             continue;
         };
         let ppid = stat
@@ -768,7 +413,7 @@ fn lab_jobs_streams() {
     let Some(lab) = lab_up() else { return };
 
     step("100 MiB of random bytes through cat on node 3");
-    let scratch = Scratch::new("streams");
+    let scratch = new_scratch("streams");
     let input = scratch.join("random");
     let mut file = fs::File::create(&input).expect("creates the input");
     let random = fs::File::open("/dev/urandom").expect("opens /dev/urandom");
@@ -894,7 +539,7 @@ fn lab_jobs_streams() {
 #[test]
 fn lab_jobs_signals() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("sig");
+    let scratch = new_scratch("sig");
 
     step("SIGINT and SIGTERM reach a trapping job");
     let mut job = Running::spawn(krg_cmd(
@@ -927,10 +572,7 @@ fn lab_jobs_signals() {
         1,
         &["run", "-T", "--node", "3", "sh", "-c", counter],
     ));
-    let gpid = job
-        .expect_line(|l| l.starts_with("gpid "), "gpid")
-        .trim_start_matches("gpid ")
-        .to_string();
+    let gpid = job.gpid();
     job.expect_line(|l| l == "3", "3 (counting)");
     ok(krg_cmd(&lab, 1, &["kill", "-STOP", &gpid]));
     wait_state(&lab, 1, &gpid, "stopped");
@@ -958,10 +600,7 @@ fn lab_jobs_signals() {
         1,
         &["run", "-T", "--node", "2", "sh", "-c", &script],
     ));
-    let gpid = job
-        .expect_line(|l| l.starts_with("gpid "), "gpid")
-        .trim_start_matches("gpid ")
-        .to_string();
+    let gpid = job.gpid();
     job.expect_line(|l| l == "ready", "ready");
     job.signal(libc::SIGKILL);
     job.wait(WAIT);
@@ -995,10 +634,7 @@ fn lab_jobs_tstp_to_krg_run_suspends_the_job() {
         1,
         &["run", "-T", "--node", "3", "sh", "-c", counter],
     ));
-    let gpid = job
-        .expect_line(|l| l.starts_with("gpid "), "gpid")
-        .trim_start_matches("gpid ")
-        .to_string();
+    let gpid = job.gpid();
     job.expect_line(|l| l == "3", "3 (counting)");
 
     step("SIGTSTP to krg run stops the job, SIGCONT resumes it");
@@ -1161,9 +797,9 @@ fn lab_jobs_ps_kill_wait_logs() {
 #[test]
 fn lab_jobs_fork_tree_and_pipeline() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("fork");
+    let scratch = new_scratch("fork");
     let program = scratch.join("fork_tree");
-    compile("cc", &workload("fork_tree.c"), &program);
+    compile("cc", &[], &workload("fork_tree.c"), &program);
     let program = program.to_str().expect("utf-8 path");
 
     step("16 children, locally and on node 2");
@@ -1225,9 +861,9 @@ fn lab_jobs_mpich_over_krg_rsh() {
         return;
     }
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("mpi");
+    let scratch = new_scratch("mpi");
     let program = scratch.join("mpi_hello");
-    compile("mpicc", &workload("mpi_hello.c"), &program);
+    compile("mpicc", &[], &workload("mpi_hello.c"), &program);
     let bin = scratch.join("bin");
     fs::create_dir(&bin).expect("mkdir");
     std::os::unix::fs::symlink(KRG, bin.join("krg-rsh")).expect("symlink");
@@ -1286,7 +922,7 @@ fn lab_jobs_mpich_over_krg_rsh() {
 #[test]
 fn lab_jobs_bad_input() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("bad");
+    let scratch = new_scratch("bad");
 
     step("unknown node");
     let out = run(krg_cmd(&lab, 1, &["run", "--node", "9", "true"]));
@@ -1400,7 +1036,7 @@ fn lab_jobs_errors_are_said_once() {
 #[test]
 fn lab_jobs_exec_errors_reported_under_load() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("exec");
+    let scratch = new_scratch("exec");
     let script = scratch.join("not-executable");
     fs::write(&script, "echo should not run\n").expect("writes");
     fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).expect("chmod");
@@ -1670,10 +1306,7 @@ fn lab_jobs_node_death_is_reported() {
             "echo gpid $KRG_GPID; exec sleep 300",
         ],
     ));
-    let gpid = job
-        .expect_line(|l| l.starts_with("gpid "), "gpid")
-        .trim_start_matches("gpid ")
-        .to_string();
+    let gpid = job.gpid();
     wait_state(&lab, 1, &gpid, "running");
 
     step("node 3 dies");

@@ -7,6 +7,8 @@
 //! parallel. Without root they are skipped with a reason, unless
 //! `KRG_REQUIRE_LAB=1` makes that a failure.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
@@ -15,22 +17,15 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
+use common::{Scratch, WAIT};
 use krg::lab::{self, Lab, LabOptions};
-
-const WAIT: Duration = Duration::from_secs(10);
 
 /// A lab name no other test (or test process) uses.
 fn lab_name() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "t{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    )
+    common::lab_name("t")
 }
 
 fn network_only(name: &str, nodes: u32) -> LabOptions {
@@ -639,34 +634,14 @@ esac
 "#;
 
 /// The fake binaries' directory, removed when dropped (also on panic).
-struct FakeBinaries(PathBuf);
-
-impl FakeBinaries {
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for FakeBinaries {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fake_binaries() -> FakeBinaries {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "krg-lab-fake-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
-    fs::create_dir_all(&dir).expect("mkdir");
+fn fake_binaries() -> Scratch {
+    let dir = Scratch::new("lab-fake", 0o755);
     for (name, text) in [("krgd", FAKE_KRGD), ("krg", FAKE_KRG)] {
         let path = dir.join(name);
         fs::write(&path, text).expect("writes");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    FakeBinaries(dir)
+    dir
 }
 
 fn ns_inode(path: &Path) -> u64 {

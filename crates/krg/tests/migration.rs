@@ -16,45 +16,31 @@
 //! directory every user (and every node: they share this machine's file
 //! system) can read.
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use krg::lab::{self, Lab, LabOptions};
+use common::{
+    krg_cmd, output_of, serial, show, step, Input, Running, Scratch, KRG, NOBODY_UID, WAIT,
+};
+use krg::lab::{self, Lab};
 use serde_json::Value;
 
-const KRG: &str = env!("CARGO_BIN_EXE_krg");
-const KRGD: &str = env!("CARGO_BIN_EXE_krgd");
 /// The jobs' interpreter: Debian's, which every user may run (not a
 /// per-user pyenv shim).
 const PYTHON: &str = "/usr/bin/python3";
-/// Longest wait for something that should happen at once.
-const WAIT: Duration = Duration::from_secs(10);
 /// Longest a `krg migrate`, `checkpoint` or `restart` may take (a 200 MiB
 /// stop-mode move takes about a second here).
 const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a job of these tests may run.
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
-/// `setpriv` arguments that make a command run as user 65534 (nobody).
-const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
-const NOBODY_UID: u32 = 65534;
 
 // ---------------------------------------------------------------- the lab
-
-fn lab_name() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "m{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    )
-}
 
 /// Why this machine cannot run these tests, if it cannot (beyond root and
 /// `ip`, which `require_root_or_skip` checks).
@@ -93,8 +79,7 @@ impl std::ops::Deref for TestLab {
 
 /// A 3-node lab running this build's daemons, or `None` (skipped).
 fn lab_up() -> Option<TestLab> {
-    static ALONE: Mutex<()> = Mutex::new(());
-    let alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+    let alone = serial();
     if !lab::require_root_or_skip() {
         return None;
     }
@@ -106,150 +91,54 @@ fn lab_up() -> Option<TestLab> {
         eprintln!("skipped: migration test: {reason}");
         return None;
     }
-    let options = LabOptions {
-        krgd: Some(KRGD.into()),
-        krg: Some(KRG.into()),
-        krgd_args: vec!["--load-scope".into(), "cgroup".into()],
-        ..LabOptions::new(lab_name(), 3)
-    };
-    let lab = Lab::up(options).expect("the lab comes up");
+    let lab = common::start_lab("m");
     Some(TestLab { lab, _alone: alone })
-}
-
-fn step(what: &str) {
-    eprintln!("--- {what}");
 }
 
 /// A directory under /tmp that every user can read, holding copies of the
 /// workloads (and what the test compiles), removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "krg-migration-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creates a scratch directory");
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
-        Scratch(dir)
-    }
-
-    /// Copy tests/workloads/NAME here; returns its path as a string.
-    fn workload(&self, name: &str) -> String {
-        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/workloads")
-            .join(name);
-        let to = self.0.join(name);
-        fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
-        fs::set_permissions(&to, fs::Permissions::from_mode(0o644)).expect("chmod");
-        to.to_str().expect("utf-8 path").to_string()
-    }
-
-    /// Compile tests/workloads/NAME.c here with `cc -pthread`.
-    fn compile(&self, name: &str) -> String {
-        let source = self.workload(&format!("{name}.c"));
-        let out = self.0.join(name);
-        let built = Command::new("cc")
-            .args(["-O1", "-pthread", "-o"])
-            .arg(&out)
-            .arg(&source)
-            .output()
-            .expect("runs cc");
-        assert!(
-            built.status.success(),
-            "cc {source}: {}",
-            String::from_utf8_lossy(&built.stderr)
-        );
-        out.to_str().expect("utf-8 path").to_string()
-    }
+fn new_scratch(tag: &str) -> Scratch {
+    Scratch::new(&format!("migration-{tag}"), 0o755)
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// Copy tests/workloads/NAME into `scratch`; returns its path as a string.
+fn copy_workload(scratch: &Scratch, name: &str) -> String {
+    let from = common::workload(name);
+    let to = scratch.join(name);
+    fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    fs::set_permissions(&to, fs::Permissions::from_mode(0o644)).expect("chmod");
+    to.to_str().expect("utf-8 path").to_string()
+}
+
+/// Compile tests/workloads/NAME.c into `scratch` with `cc -pthread`.
+fn compile_workload(scratch: &Scratch, name: &str) -> String {
+    let source = copy_workload(scratch, &format!("{name}.c"));
+    let out = scratch.join(name);
+    common::compile("cc", &["-pthread"], Path::new(&source), &out);
+    out.to_str().expect("utf-8 path").to_string()
 }
 
 // --------------------------------------------------------- running things
 
 /// Run `command` to its end (at most `timeout`, then it is killed and the
 /// test fails), stdin from /dev/null, capturing its output.
-fn output(mut command: Command, timeout: Duration) -> Output {
-    let what = format!("{command:?}");
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let reader = |mut from: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = from.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = reader(Box::new(child.stdout.take().expect("piped")));
-    let stderr = reader(Box::new(child.stderr.take().expect("piped")));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not end within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
-}
-
-/// `krg ARGS` on node K as root, from /tmp.
-fn krg_command(lab: &Lab, k: u32, args: &[&str]) -> Command {
-    let mut command = lab.command(k, KRG).expect("the node exists");
-    command.args(args).current_dir("/tmp");
-    command
+fn output(command: Command, timeout: Duration) -> Output {
+    output_of(command, Input::Null, timeout)
 }
 
 /// `krg ARGS` on node K as root, to its end (at most `MOVE_TIMEOUT`).
 fn krg(lab: &Lab, k: u32, args: &[&str]) -> Output {
-    output(krg_command(lab, k, args), MOVE_TIMEOUT)
+    output(krg_cmd(lab, k, args), MOVE_TIMEOUT)
 }
 
 /// `PROGRAM ARGS` on node K as user 65534, from /tmp, to its end.
 fn as_nobody(lab: &Lab, k: u32, program: &str, args: &[&str]) -> Output {
-    let mut command = lab.command(k, "setpriv").expect("the node exists");
-    command
-        .args(AS_NOBODY)
-        .arg(program)
-        .args(args)
-        .current_dir("/tmp");
-    output(command, MOVE_TIMEOUT)
+    output(common::as_nobody(lab, k, program, args), MOVE_TIMEOUT)
 }
 
 /// `krg ARGS` on node K as user 65534.
 fn krg_as_nobody(lab: &Lab, k: u32, args: &[&str]) -> Output {
     as_nobody(lab, k, KRG, args)
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}; stdout: {:?}; stderr: {:?}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Stdout of a `krg` command that must succeed.
@@ -318,204 +207,27 @@ fn wait_logged(lab: &Lab, gpid: &str) {
     .unwrap();
 }
 
-/// A `krg run` held by the test: its stdin piped (or /dev/null), its
-/// stdout read line by line with the time each line arrived.
-struct Client {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<(Instant, String)>,
-    seen: Vec<String>,
-    last_line_at: Instant,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    status: Option<ExitStatus>,
-}
-
-impl Client {
-    /// `krg run -T --node NODE ARGS` on node 1, as root.
-    fn run(lab: &Lab, node: u32, args: &[&str], stdin: bool) -> Client {
-        let mut command = lab.command(1, KRG).expect("node 1");
-        command
-            .args(["run", "-T", "--node", &node.to_string()])
-            .args(args)
-            .current_dir("/tmp")
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() });
-        Client::spawn(command)
-    }
-
-    fn spawn(mut command: Command) -> Client {
-        let what = format!("{command:?}");
-        command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout is piped");
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send((Instant::now(), line)).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("not poisoned")
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
-        Client {
-            what,
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            seen: Vec::new(),
-            last_line_at: Instant::now(),
-            stderr,
-            status: None,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().expect("not poisoned")).into_owned()
-    }
-
-    fn write_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is piped");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .and_then(|()| stdin.flush())
-            .unwrap_or_else(|e| panic!("{}: cannot write its stdin: {e}", self.what));
-    }
-
-    fn take(&mut self, (at, line): (Instant, String)) {
-        self.last_line_at = at;
-        self.seen.push(line);
-    }
-
-    /// Lines that have arrived so far (not waiting).
-    fn drain(&mut self) -> &[String] {
-        while let Ok(item) = self.lines.try_recv() {
-            self.take(item);
-        }
-        &self.seen
-    }
-
-    /// Wait (at most `timeout`) for the next line matching `want`.
-    fn expect_line(
-        &mut self,
-        want: impl Fn(&str) -> bool,
-        what: &str,
-        timeout: Duration,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(item) => {
-                    let line = item.1.clone();
-                    self.take(item);
-                    if want(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: no line {what} within {timeout:?}; last lines: {:?}; stderr: {:?}",
-                    self.what,
-                    tail(&self.seen),
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    /// The gpid the job prints first (`gpid G`).
-    fn gpid(&mut self) -> String {
-        self.expect_line(|l| l.starts_with("gpid "), "gpid G", WAIT)
-            .trim_start_matches("gpid ")
-            .to_string()
-    }
-
-    /// Wait until the job has printed a number of at least `n`.
-    fn expect_count(&mut self, n: u64) -> u64 {
-        let line = self.expect_line(
-            |l| l.parse::<u64>().is_ok_and(|v| v >= n),
-            &format!("with a number >= {n}"),
-            WAIT,
-        );
-        line.parse().expect("a number")
-    }
-
-    /// Wait until no line has come for `quiet` (at most `timeout`).
-    fn wait_quiet(&mut self, quiet: Duration, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.lines.recv_timeout(quiet) {
-                Ok(item) => self.take(item),
-                Err(_) => return,
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: still printing after {timeout:?}",
-                self.what
-            );
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status.is_none()
-    }
-
-    /// Wait for `krg run` to end (at most `timeout`); every line it printed.
-    /// Closes its stdin first (an end of stdin racing the end of the job
-    /// must not change its exit status).
-    fn finish(&mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
-        self.stdin = None;
-        let deadline = Instant::now() + timeout;
-        while self.alive() {
-            if Instant::now() >= deadline {
-                let _ = self.drain();
-                panic!(
-                    "{} did not end within {timeout:?}; last lines: {:?}; stderr: {:?}",
-                    self.what,
-                    tail(&self.seen),
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        loop {
-            match self.lines.recv_timeout(WAIT) {
-                Ok(item) => self.take(item),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("{}: stdout still open {WAIT:?} after its end", self.what)
-                }
-            }
-        }
-        (self.status.expect("ended"), self.seen.clone())
+/// `krg run -T --node NODE ARGS` on node 1, as root, held by the test: its
+/// stdin piped (or /dev/null), its stdout read line by line with the time
+/// each line arrived.
+fn krg_run(lab: &Lab, node: u32, args: &[&str], stdin: bool) -> Running {
+    let mut command = krg_cmd(lab, 1, &["run", "-T", "--node", &node.to_string()]);
+    command.args(args);
+    if stdin {
+        Running::spawn(command)
+    } else {
+        command.stdin(Stdio::null());
+        Running::spawn_as_set(command)
     }
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Wait until the job has printed a number of at least `n`.
+fn expect_count(job: &mut Running, n: u64) -> u64 {
+    let line = job.expect_line(
+        |l| l.parse::<u64>().is_ok_and(|v| v >= n),
+        &format!("with a number >= {n}"),
+    );
+    line.parse().expect("a number")
 }
 
 fn tail(lines: &[String]) -> &[String] {
@@ -565,7 +277,7 @@ fn job_frozen(lab: &Lab, k: u32) -> bool {
     false
 }
 
-fn exit_code(status: ExitStatus, what: &str, client: &Client) -> i32 {
+fn exit_code(status: ExitStatus, what: &str, client: &Running) -> i32 {
     status.code().unwrap_or_else(|| {
         panic!(
             "{what}: krg run was killed by a signal ({status}); stderr: {:?}",
@@ -591,14 +303,14 @@ fn exit_code(status: ExitStatus, what: &str, client: &Client) -> i32 {
 #[test]
 fn lab_migration_sequence_survives_twenty_moves() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("seq");
-    let ticker = scratch.workload("migration_ticker.py");
+    let scratch = new_scratch("seq");
+    let ticker = copy_workload(&scratch, "migration_ticker.py");
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {ticker}");
 
     step("a ticker on node 1, read by krg run on node 1");
-    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], true);
     let gpid = job.gpid();
-    job.expect_count(20);
+    expect_count(&mut job, 20);
     let mut at = 1;
     let mut freeze_ms = Vec::new();
     let mut sent = Vec::new();
@@ -634,13 +346,9 @@ fn lab_migration_sequence_survives_twenty_moves() {
         let line = format!("line-{}", i + 1);
         job.write_line(&line);
         sent.push(line.clone());
-        job.expect_line(
-            |l| l == format!("echo {line}"),
-            &format!("echo {line}"),
-            WAIT,
-        );
+        job.expect_line(|l| l == format!("echo {line}"), &format!("echo {line}"));
         let last = numbers(job.drain()).last().copied().unwrap_or(0);
-        job.expect_count(last + 5);
+        expect_count(&mut job, last + 5);
         assert!(
             job.drain().len() > before,
             "no new line after move {}",
@@ -653,7 +361,7 @@ fn lab_migration_sequence_survives_twenty_moves() {
     for line in ["after-a", "after-b", "after-c"] {
         job.write_line(line);
         sent.push(line.to_string());
-        job.expect_line(|l| l == format!("echo {line}"), line, WAIT);
+        job.expect_line(|l| l == format!("echo {line}"), line);
     }
     job.write_line("exit 7");
     let (status, lines) = job.finish(WAIT);
@@ -684,15 +392,15 @@ fn lab_migration_sequence_survives_twenty_moves() {
     );
 
     step("a second ticker, moved twice, then krg kill");
-    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], true);
     let gpid = job.gpid();
-    job.expect_count(10);
+    expect_count(&mut job, 10);
     migrate(&lab, 1, &gpid, 2, "lazy");
     wait_running_on(&lab, 1, &gpid, 2);
     migrate(&lab, 3, &gpid, 3, "stop");
     wait_running_on(&lab, 1, &gpid, 3);
     let last = numbers(job.drain()).last().copied().unwrap_or(0);
-    job.expect_count(last + 10);
+    expect_count(&mut job, last + 10);
     krg_ok(&lab, 2, &["kill", &gpid]);
     let (status, lines) = job.finish(WAIT);
     assert_eq!(
@@ -713,12 +421,12 @@ fn lab_migration_sequence_survives_twenty_moves() {
 #[test]
 fn lab_migration_back_to_back_moves() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("b2b");
-    let ticker = scratch.workload("migration_ticker.py");
+    let scratch = new_scratch("b2b");
+    let ticker = copy_workload(&scratch, "migration_ticker.py");
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {ticker}");
-    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], true);
     let gpid = job.gpid();
-    job.expect_count(10);
+    expect_count(&mut job, 10);
     let mut at = 1;
     for i in 0..90u32 {
         let target = at % 3 + 1;
@@ -734,7 +442,7 @@ fn lab_migration_back_to_back_moves() {
         at = target;
     }
     let last = numbers(job.drain()).last().copied().unwrap_or(0);
-    job.expect_count(last + 10);
+    expect_count(&mut job, last + 10);
     job.write_line("exit 0");
     let (status, lines) = job.finish(WAIT);
     assert_eq!(
@@ -760,9 +468,9 @@ struct Program<'a> {
 fn run_program(lab: &Lab, program: &Program, moves: bool) -> (i32, Vec<String>) {
     let mut args: Vec<&str> = vec!["sh", "-c", "echo gpid $KRG_GPID; exec \"$@\"", "sh"];
     args.extend(program.argv.iter().map(String::as_str));
-    let mut job = Client::run(lab, 1, &args, false);
+    let mut job = krg_run(lab, 1, &args, false);
     let gpid = job.gpid();
-    job.expect_line(|l| l.starts_with("ready"), "ready", JOB_TIMEOUT);
+    job.expect_line_within(|l| l.starts_with("ready"), "ready", JOB_TIMEOUT);
     if moves {
         for (target, mode) in [(2, "stop"), (3, "lazy")] {
             let report = migrate(lab, 1, &gpid, target, mode);
@@ -799,9 +507,9 @@ fn run_program(lab: &Lab, program: &Program, moves: bool) -> (i32, Vec<String>) 
 #[test]
 fn lab_migration_programs_give_the_same_output() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("same");
-    let threads = scratch.compile("migration_threads");
-    let memory = scratch.workload("migration_memory.py");
+    let scratch = new_scratch("same");
+    let threads = compile_workload(&scratch, "migration_threads");
+    let memory = copy_workload(&scratch, "migration_memory.py");
     let pipeline = "echo ready; seq 1 300 | while read x; do echo $x $((x * x)); sleep 0.01; done \
                     | awk '{ s += $2; print $1, s }' | sha256sum";
     let programs = [
@@ -854,14 +562,14 @@ fn lab_migration_programs_give_the_same_output() {
 #[test]
 fn lab_migration_checkpoint_kill_and_restart() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("ckpt");
-    let ticker = scratch.workload("migration_ticker.py");
+    let scratch = new_scratch("ckpt");
+    let ticker = copy_workload(&scratch, "migration_ticker.py");
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {ticker} 400");
 
     step("a ticker of 400 numbers under krg run on node 1");
-    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], true);
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], true);
     let gpid = job.gpid();
-    let low_v1 = job.expect_count(50);
+    let low_v1 = expect_count(&mut job, 50);
 
     step("checkpoint --leave-running: version 1");
     let text = krg_ok(&lab, 2, &["checkpoint", &gpid, "--leave-running", "--json"]);
@@ -874,16 +582,16 @@ fn lab_migration_checkpoint_kill_and_restart() {
         "{path}/krg.meta"
     );
     let after_v1 = numbers(job.drain()).last().copied().unwrap_or(0);
-    job.expect_count(after_v1 + 5);
+    expect_count(&mut job, after_v1 + 5);
     wait_running_on(&lab, 1, &gpid, 1);
 
     step("checkpoint --kill: version 2; krg run keeps waiting");
-    job.expect_count(150);
+    expect_count(&mut job, 150);
     let text = krg_ok(&lab, 1, &["checkpoint", &gpid, "--kill", "--json"]);
     let v2: Value = serde_json::from_str(&text).expect("checkpoint --json");
     assert_eq!(v2["version"], 2, "{v2}");
     job.wait_quiet(Duration::from_millis(500), WAIT);
-    let saved = numbers(&job.seen).last().copied().expect("numbers before");
+    let saved = numbers(job.seen()).last().copied().expect("numbers before");
     assert!(
         job.alive(),
         "krg run ended with the checkpoint: {:?}",
@@ -911,11 +619,11 @@ fn lab_migration_checkpoint_kill_and_restart() {
         said.trim(),
         format!("restarted {gpid} from version 2 on node 2")
     );
-    let next = job.expect_count(0);
+    let next = expect_count(&mut job, 0);
     assert_eq!(next, saved + 1, "the first number after the restart");
     wait_running_on(&lab, 1, &gpid, 2);
     job.write_line("after-restart");
-    job.expect_line(|l| l == "echo after-restart", "echo after-restart", WAIT);
+    job.expect_line(|l| l == "echo after-restart", "echo after-restart");
     let (status, lines) = job.finish(JOB_TIMEOUT);
     assert_eq!(
         exit_code(status, "restarted ticker", &job),
@@ -951,7 +659,7 @@ fn lab_migration_checkpoint_kill_and_restart() {
     wait_running_on(&lab, 1, &gpid, 3);
 
     step("krg wait and krg logs");
-    let out = output(krg_command(&lab, 1, &["wait", &gpid]), JOB_TIMEOUT);
+    let out = output(krg_cmd(&lab, 1, &["wait", &gpid]), JOB_TIMEOUT);
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -1002,8 +710,8 @@ fn lab_migration_checkpoint_kill_and_restart() {
 #[test]
 fn lab_migration_refused_tcp_and_dead_target() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("fail");
-    let memory = scratch.workload("migration_memory.py");
+    let scratch = new_scratch("fail");
+    let memory = copy_workload(&scratch, "migration_memory.py");
 
     step("a job holding a TCP connection to node 2 is refused");
     let addr = lab.addr(2).expect("node 2's address");
@@ -1017,9 +725,9 @@ fn lab_migration_refused_tcp_and_dead_target() {
                   i = 0\n\
                   while True:\n    os.write(1, b'%d\\n' % i)\n    i += 1\n    time.sleep(0.01)\n";
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} -c \"$0\" {addr} {port}");
-    let mut job = Client::run(&lab, 1, &["sh", "-c", &script, client], false);
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script, client], false);
     let gpid = job.gpid();
-    job.expect_count(10);
+    expect_count(&mut job, 10);
     let (_peer, _) = listener.accept().expect("the job connects");
     let out = krg(&lab, 1, &["migrate", &gpid, "2"]);
     let err = krg_refused(&out, "migration of a job with a TCP connection");
@@ -1034,7 +742,7 @@ fn lab_migration_refused_tcp_and_dead_target() {
         "checkpoint refused with {err:?}"
     );
     let last = numbers(job.drain()).last().copied().unwrap_or(0);
-    job.expect_count(last + 20);
+    expect_count(&mut job, last + 20);
     wait_running_on(&lab, 2, &gpid, 1);
     krg_ok(&lab, 1, &["kill", &gpid]);
     let (status, lines) = job.finish(WAIT);
@@ -1069,12 +777,12 @@ enum KillWhen {
 /// until `krg kill` ends it with 143.
 fn move_to_dying_node(lab: &Lab, memory: &str, when: KillWhen) {
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 200");
-    let mut job = Client::run(lab, 1, &["sh", "-c", &script], false);
+    let mut job = krg_run(lab, 1, &["sh", "-c", &script], false);
     let gpid = job.gpid();
-    job.expect_line(|l| l.starts_with("ready"), "ready", WAIT);
-    job.expect_line(|l| l.starts_with("t "), "a timestamp", WAIT);
+    job.expect_line(|l| l.starts_with("ready"), "ready");
+    job.expect_line(|l| l.starts_with("t "), "a timestamp");
     let mover = {
-        let command = krg_command(lab, 1, &["migrate", &gpid, "2", "--mode", "stop"]);
+        let command = krg_cmd(lab, 1, &["migrate", &gpid, "2", "--mode", "stop"]);
         thread::spawn(move || output(command, MOVE_TIMEOUT))
     };
     let started = Instant::now();
@@ -1083,7 +791,7 @@ fn move_to_dying_node(lab: &Lab, memory: &str, when: KillWhen) {
         let _ = job.drain();
         seen = match when {
             KillWhen::Frozen => {
-                job_frozen(lab, 1) || job.last_line_at.elapsed() >= Duration::from_millis(100)
+                job_frozen(lab, 1) || job.last_line_at().elapsed() >= Duration::from_millis(100)
             }
             KillWhen::Restoring => criu_running(lab, 2),
         };
@@ -1104,14 +812,10 @@ fn move_to_dying_node(lab: &Lab, memory: &str, when: KillWhen) {
         log_about(lab, 1, &gpid)
     );
     let seen = job.drain().len();
-    job.expect_line(
-        |l| l.starts_with("t "),
-        "a timestamp after the failed move",
-        WAIT,
-    );
-    assert!(job.seen.len() > seen);
+    job.expect_line(|l| l.starts_with("t "), "a timestamp after the failed move");
+    assert!(job.seen().len() > seen);
     wait_running_on(lab, 1, &gpid, 1);
-    let t0 = job.seen.iter().filter(|l| l.starts_with("t ")).count();
+    let t0 = job.seen().iter().filter(|l| l.starts_with("t ")).count();
     thread::sleep(Duration::from_millis(300));
     let t1 = job.drain().iter().filter(|l| l.starts_with("t ")).count();
     assert!(t1 > t0 + 5, "its timestamps come again ({t0} then {t1})");
@@ -1174,13 +878,13 @@ fn wait_all_up(lab: &Lab) {
 #[test]
 fn lab_migration_target_dies_during_post_copy() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("postcopy");
-    let memory = scratch.workload("migration_memory.py");
+    let scratch = new_scratch("postcopy");
+    let memory = copy_workload(&scratch, "migration_memory.py");
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 400");
-    let mut job = Client::run(&lab, 1, &["sh", "-c", &script], false);
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], false);
     let gpid = job.gpid();
-    job.expect_line(|l| l.starts_with("ready"), "ready", WAIT);
-    job.expect_line(|l| l.starts_with("t "), "a timestamp", WAIT);
+    job.expect_line(|l| l.starts_with("ready"), "ready");
+    job.expect_line(|l| l.starts_with("t "), "a timestamp");
 
     // On a quiet machine 400 MiB of pages move in a fraction of a second,
     // faster than the test can kill node 2: node 1's link is throttled
@@ -1248,7 +952,7 @@ fn lab_migration_target_dies_during_post_copy() {
     .unwrap_or_else(|e| {
         panic!(
             "{e:#}; last lines: {:?}; node 1's log ends: {}",
-            tail(&job.seen),
+            tail(job.seen()),
             log_about(&lab, 1, &gpid)
         )
     });
@@ -1298,8 +1002,8 @@ fn log_about(lab: &Lab, k: u32, gpid: &str) -> String {
 #[test]
 fn lab_migration_other_user_is_refused() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("user");
-    let ticker = scratch.workload("migration_ticker.py");
+    let scratch = new_scratch("user");
+    let ticker = copy_workload(&scratch, "migration_ticker.py");
 
     step("root's job on node 2, checkpointed by root");
     let gpid = krg_ok(&lab, 1, &["run", "-d", "--node", "2", PYTHON, &ticker]);
@@ -1365,8 +1069,8 @@ fn lab_migration_other_user_is_refused() {
 #[test]
 fn lab_migration_user_moves_own_job() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("own");
-    let ticker = scratch.workload("migration_ticker.py");
+    let scratch = new_scratch("own");
+    let ticker = copy_workload(&scratch, "migration_ticker.py");
 
     step("user 65534's own job: checkpoint allowed, images its own");
     let out = krg_as_nobody(&lab, 1, &["run", "-d", "--node", "1", PYTHON, &ticker]);
@@ -1460,8 +1164,8 @@ fn lab_migration_user_moves_own_job() {
 #[test]
 fn lab_migration_just_started_job() {
     let Some(lab) = lab_up() else { return };
-    let scratch = Scratch::new("early");
-    let ticker = scratch.workload("migration_ticker.py");
+    let scratch = new_scratch("early");
+    let ticker = copy_workload(&scratch, "migration_ticker.py");
     let acceptable = |out: &Output, what: &str| {
         if out.status.success() {
             return;

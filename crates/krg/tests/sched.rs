@@ -27,25 +27,22 @@
 //! counts as load. Commands the acceptance list gives "on node K" (`krg
 //! run`, `krg sched set`, `krg top`, `krg migrate`) run inside node K.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Mutex, MutexGuard};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{lab_options, serial, text, try_krg_within, try_output_of, Input, KRG, WAIT};
 use krg::lab::{require_root_or_skip, wait_until, Lab, LabOptions};
 use serde_json::Value;
 
-const KRG: &str = env!("CARGO_BIN_EXE_krg");
-const KRGD: &str = env!("CARGO_BIN_EXE_krgd");
 /// A CPU-bound job: always runnable, tiny memory.
 const SPIN: [&str; 3] = ["sh", "-c", "while :; do :; done"];
-/// Longest wait for something that should happen at once (a configuration
-/// reaching every node, gossip bringing every node's capacity, a job
-/// starting).
-const WAIT: Duration = Duration::from_secs(10);
 /// Longest a single `krg` command may take (a node limited to a quarter of
 /// a CPU answers slowly while its jobs burn that quarter).
 const KRG_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,12 +72,6 @@ const LOG_LINES: usize = 40;
 
 // ---------------------------------------------------------------- the lab
 
-/// One lab test at a time in this process (see the module comment).
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Logs a step with the seconds since the test process started.
 fn step(what: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -93,11 +84,8 @@ fn step(what: &str) {
 /// CPUs).
 fn up(topic: &str, cpu_limits: &[f64]) -> Lab {
     let options = LabOptions {
-        krgd: Some(KRGD.into()),
-        krg: Some(KRG.into()),
-        krgd_args: vec!["--load-scope".into(), "cgroup".into()],
         cpu_limits: cpu_limits.to_vec(),
-        ..LabOptions::new(format!("s{topic}{}", std::process::id()), 3)
+        ..lab_options(format!("s{topic}{}", std::process::id()))
     };
     let lab = Lab::up(options).expect("the lab cluster forms");
     step(&format!(
@@ -156,28 +144,9 @@ fn logs(lab: &Lab) -> String {
         .join("\n")
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// `krg ARGS` on node K: its stdout, or why it failed.
 fn try_krg(lab: &Lab, k: u32, args: &[&str]) -> Result<String, String> {
-    let mut argv = vec![KRG];
-    argv.extend_from_slice(args);
-    let out = lab
-        .run_timeout(k, &argv, KRG_TIMEOUT)
-        .map_err(|e| format!("{e:#}"))?;
-    if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(format!(
-            "`krg {}` on node {k}: {}: {}{}",
-            args.join(" "),
-            out.status,
-            text(&out.stdout),
-            text(&out.stderr)
-        ))
-    }
+    try_krg_within(lab, k, args, KRG_TIMEOUT)
 }
 
 /// `krg ARGS` against node K's socket, run from this test process rather
@@ -186,46 +155,19 @@ fn try_krg(lab: &Lab, k: u32, args: &[&str]) -> Result<String, String> {
 /// scheduler reads.
 fn ask(lab: &Lab, k: u32, args: &[&str]) -> Result<String, String> {
     let what = format!("`krg {}` against node {k}'s socket", args.join(" "));
-    let mut child = std::process::Command::new(KRG)
-        .args(args)
-        .env("KRG_SOCKET", lab.socket(k))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stdout.read_to_end(&mut b);
-        b
-    });
-    let err = thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = stderr.read_to_end(&mut b);
-        b
-    });
-    let deadline = Instant::now() + KRG_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("{what}: {e}"))? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{what} did not finish within {KRG_TIMEOUT:?}"));
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    if status.success() {
-        Ok(text(&out))
+    let mut command = Command::new(KRG);
+    command.args(args).env("KRG_SOCKET", lab.socket(k));
+    let out =
+        try_output_of(command, Input::Null, KRG_TIMEOUT).map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(text(&out.stdout))
     } else {
-        Err(format!("{what}: {status}: {}{}", text(&out), text(&err)))
+        Err(format!(
+            "{what}: {}: {}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        ))
     }
 }
 

@@ -18,26 +18,23 @@
 //! CPUs and memory, so a 3-node lab shows 3 times both, and the nodes
 //! share one file system (a build directory is seen by every node).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread;
+use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
-use krg::lab::{self, Lab, LabOptions};
+use common::{
+    krg_as_nobody, krg_cmd, ok_within, output_of, processes, show, stderr, stdout, step, workload,
+    Input, Running, Scratch, KRGD, WAIT,
+};
+use krg::lab::{self, Lab};
 use serde_json::Value;
 
-const KRG: &str = env!("CARGO_BIN_EXE_krg");
-const KRGD: &str = env!("CARGO_BIN_EXE_krgd");
-/// Longest wait for something that should happen at once.
-const WAIT: Duration = Duration::from_secs(10);
 /// How long the cluster may take to notice a node going down (it is
 /// declared down after `--down-after`, 4 s) or coming back, and the view to
 /// follow.
@@ -57,19 +54,8 @@ const INTERRUPTED_MAKE: [i32; 2] = [130, 2];
 /// How long an interrupted build may take to end (a local one takes a
 /// fraction of a second).
 const INTERRUPT_END_MAX: Duration = Duration::from_secs(5);
-/// `setpriv` arguments that make a command run as user 65534 (nobody).
-const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
 
 // ---------------------------------------------------------------- the lab
-
-fn lab_name() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "v{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    )
-}
 
 /// A 3-node lab running this build's daemons, or `None` (skipped) without
 /// root.
@@ -83,51 +69,18 @@ fn lab_up() -> Option<Lab> {
         "{} is missing: jobs would not see the cluster (build it with `cargo build --workspace`)",
         preload.display()
     );
-    let options = LabOptions {
-        krgd: Some(KRGD.into()),
-        krg: Some(KRG.into()),
-        krgd_args: vec!["--load-scope".into(), "cgroup".into()],
-        ..LabOptions::new(lab_name(), 3)
-    };
-    Some(Lab::up(options).expect("the lab comes up"))
+    Some(common::start_lab("v"))
 }
 
-fn step(what: &str) {
-    eprintln!("--- {what}");
-}
-
-/// A directory of its own under /tmp that every user can enter (the lab's
-/// nodes share this machine's file system), removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "krg-vsmp-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creates a scratch directory");
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
-        Scratch(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A directory of its own under /tmp that every user can enter and write,
+/// removed at the end.
+fn new_scratch(tag: &str) -> Scratch {
+    Scratch::new(&format!("vsmp-{tag}"), 0o777)
 }
 
 /// The makefile every build uses.
 fn makefile() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/vsmp.mk")
+    workload("vsmp.mk")
 }
 
 /// Node K's cluster view (`krgd --view-dir`, as the lab starts it).
@@ -140,99 +93,17 @@ fn view_dir(lab: &Lab, k: u32) -> PathBuf {
 
 // --------------------------------------------------------- running things
 
-/// `krg ARGS` on node K (as root), from /tmp.
-fn krg_cmd(lab: &Lab, k: u32, args: &[&str]) -> Command {
-    let mut command = lab.command(k, KRG).expect("the node exists");
-    command.args(args).current_dir("/tmp");
-    command
-}
-
-/// `krg ARGS` on node K as user 65534, from /tmp.
-fn krg_as_nobody(lab: &Lab, k: u32, args: &[&str]) -> Command {
-    let mut command = lab.command(k, "setpriv").expect("the node exists");
-    command
-        .args(AS_NOBODY)
-        .arg(KRG)
-        .args(args)
-        .current_dir("/tmp");
-    command
-}
-
-/// Run `command` to its end (at most `timeout`, then it is killed and the
-/// test fails). Its stdin is a pipe left open and unwritten until it has
-/// ended, as a terminal nobody types into: `krg run` then never sends an
-/// end of stdin that could race its job's end (the jobs' own children get
-/// what their parents give them).
-fn output_of(mut command: Command, timeout: Duration) -> Output {
-    let what = format!("{command:?}");
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let idle = child.stdin.take();
-    let stdout = reader_thread(child.stdout.take().expect("stdout is piped"));
-    let stderr = reader_thread(child.stderr.take().expect("stderr is piped"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what} did not end within {timeout:?}; stdout: {:?}; stderr: {:?}",
-                String::from_utf8_lossy(&stdout.join().unwrap_or_default()),
-                String::from_utf8_lossy(&stderr.join().unwrap_or_default())
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    drop(idle);
-    Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
-}
-
-fn reader_thread(mut from: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = from.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
+/// Run `command` to its end (at most `RUN_TIMEOUT`, then it is killed and
+/// the test fails). Its stdin is idle (see [`Input::Idle`]): `krg run` then
+/// never sends an end of stdin that could race its job's end (the jobs' own
+/// children get what their parents give them).
 fn run(command: Command) -> Output {
-    output_of(command, RUN_TIMEOUT)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}; stdout: {:?}; stderr: {:?}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    )
+    output_of(command, Input::Idle, RUN_TIMEOUT)
 }
 
 /// Stdout of a command that must succeed.
 fn ok(command: Command) -> String {
-    let out = run(command);
-    assert!(out.status.success(), "failed: {}", show(&out));
-    stdout(&out)
+    ok_within(command, RUN_TIMEOUT)
 }
 
 /// What a shell's `$?` would say: the code, or 128 + the signal.
@@ -273,138 +144,6 @@ fn wait_no_jobs(lab: &Lab) {
         }
     })
     .unwrap();
-}
-
-/// A command running in the background whose stdout is read line by line.
-struct Running {
-    what: String,
-    child: Child,
-    /// The write end of its stdin, kept open and unwritten (see
-    /// [`output_of`]).
-    _idle: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Running {
-    fn spawn(mut command: Command) -> Running {
-        let what = format!("{command:?}");
-        command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout is piped");
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("not poisoned")
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
-        Running {
-            what,
-            _idle: child.stdin.take(),
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("a pid fits in i32")
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().expect("not poisoned")).into_owned()
-    }
-
-    /// Read lines until `done(lines so far)` holds, at most `timeout`.
-    fn read_until(&mut self, timeout: Duration, what: &str, done: impl Fn(&[String]) -> bool) {
-        if !self.read_for(timeout, done) {
-            panic!(
-                "{}: not {what} after {timeout:?}; lines: {:#?}; stderr: {:?}",
-                self.what,
-                self.seen,
-                self.stderr()
-            );
-        }
-    }
-
-    /// Read lines until `done(lines so far)` holds (true), or `timeout`
-    /// passes or stdout closes (false).
-    fn read_for(&mut self, timeout: Duration, done: impl Fn(&[String]) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        while !done(&self.seen) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => return false,
-            }
-        }
-        true
-    }
-
-    /// Wait for the process to end (at most `timeout`, then it is killed
-    /// and the test fails); the lines it printed are read to their end.
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        self.wait_or(timeout, String::new)
-    }
-
-    /// [`Running::wait`], adding `more()` (taken before the process is
-    /// killed) to the failure's message.
-    fn wait_or(&mut self, timeout: Duration, more: impl FnOnce() -> String) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
-                    self.seen.push(line);
-                }
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let more = more();
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "{} did not end within {timeout:?}; lines: {:#?}; stderr: {:?}{more}",
-                    self.what,
-                    self.seen,
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 // -------------------------------------------------------- the cluster view
@@ -787,7 +526,7 @@ fn nodes_of(compiled: &BTreeMap<String, u32>) -> BTreeSet<u32> {
 #[test]
 fn lab_vsmp_make_spreads_over_the_cluster() {
     let Some(lab) = lab_up() else { return };
-    let project = Scratch::new("make");
+    let project = new_scratch("make");
     let sum = write_project(project.path(), PROJECT_FILES);
 
     step("make -j6 with DISTANT_FORK");
@@ -838,8 +577,8 @@ fn lab_vsmp_make_spreads_over_the_cluster() {
 #[test]
 fn lab_vsmp_make_failure_is_reported_as_locally() {
     let Some(lab) = lab_up() else { return };
-    let local = Scratch::new("failloc");
-    let project = Scratch::new("fail");
+    let local = new_scratch("failloc");
+    let project = new_scratch("fail");
     for dir in [local.path(), project.path()] {
         write_project(dir, PROJECT_FILES);
         fs::write(dir.join("broken.c"), "int broken(void) { return }\n").expect("writes");
@@ -876,18 +615,7 @@ fn lab_vsmp_make_failure_is_reported_as_locally() {
 fn lab_processes(lab: &Lab, comm: &str) -> Vec<(u32, u32)> {
     let marker = format!("/krg-lab/{}/n", lab.name());
     let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
+    for (pid, dir) in processes() {
         if !fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == comm) {
             continue;
         }
@@ -911,11 +639,7 @@ fn lab_processes(lab: &Lab, comm: &str) -> Vec<(u32, u32)> {
 fn lab_process_table(lab: &Lab) -> String {
     let marker = format!("/krg-lab/{}/n", lab.name());
     let mut table = String::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return table;
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
+    for (pid, dir) in processes() {
         let Ok(cgroup) = fs::read_to_string(dir.join("cgroup")) else {
             continue;
         };
@@ -946,8 +670,7 @@ fn lab_process_table(lab: &Lab) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             table,
-            "{} ppid {} pgrp {pgrp} node {node} {} pnd {} shd {} blk {} ign {} cgt {} {}",
-            entry.file_name().to_string_lossy(),
+            "{pid} ppid {} pgrp {pgrp} node {node} {} pnd {} shd {} blk {} ign {} cgt {} {}",
             field("PPid:"),
             field("State:"),
             field("SigPnd:"),
@@ -964,19 +687,9 @@ fn lab_process_table(lab: &Lab) -> String {
 /// Processes whose working directory is `dir`, as "pid comm".
 fn processes_in(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
-            let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+    for (pid, proc_dir) in processes() {
+        if fs::read_link(proc_dir.join("cwd")).is_ok_and(|cwd| cwd == dir) {
+            let comm = fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
             found.push(format!("{pid} {}", comm.trim()));
         }
     }
@@ -1006,8 +719,8 @@ fn cc1_in(dir: &Path) -> usize {
 #[test]
 fn lab_vsmp_ctrl_c_stops_the_build_everywhere() {
     let Some(lab) = lab_up() else { return };
-    let local = Scratch::new("intloc");
-    let project = Scratch::new("int");
+    let local = new_scratch("intloc");
+    let project = new_scratch("int");
     write_slow_project(local.path());
     write_slow_project(project.path());
     let make_args = ["-j12", "objs", "CFLAGS=-O2"];
@@ -1058,13 +771,13 @@ fn lab_vsmp_ctrl_c_stops_the_build_everywhere() {
         "every compilation started",
         |lines| compiled_on(&lines.join("\n")).len() == SLOW_FILES as usize,
     );
-    let compiling = nodes_of(&compiled_on(&build.seen.join("\n")));
+    let compiling = nodes_of(&compiled_on(&build.seen().join("\n")));
     step(&format!("compilations started on nodes {compiling:?}"));
     assert_eq!(
         compiling,
         BTreeSet::from([1, 2, 3]),
         "compilations on every node: {:?}",
-        build.seen
+        build.seen()
     );
     let cc1_nodes = lab::wait_until(WAIT, "every cc1 running in the lab", || {
         let cc1 = lab_processes(&lab, "cc1");
@@ -1114,7 +827,7 @@ fn lab_vsmp_ctrl_c_stops_the_build_everywhere() {
 #[test]
 fn lab_vsmp_without_distant_fork_everything_stays_home() {
     let Some(lab) = lab_up() else { return };
-    let project = Scratch::new("home");
+    let project = new_scratch("home");
     write_project(project.path(), PROJECT_FILES);
     let out = run(krg_make(&lab, project.path(), &[], &["-j6"]));
     assert!(out.status.success(), "the build failed: {}", show(&out));
@@ -1255,7 +968,7 @@ fn lab_vsmp_capset_shows_and_changes_a_running_job() {
         "{text}"
     );
 
-    let dir = Scratch::new("capk");
+    let dir = new_scratch("capk");
     let script = format!(
         "echo gpid $KRG_GPID; {}; while [ ! -e go ]; do sleep 0.1; done; {}; echo done",
         children_script(6, "before"),
@@ -1267,11 +980,11 @@ fn lab_vsmp_capset_shows_and_changes_a_running_job() {
     job.read_until(WAIT, "6 children before", |lines| {
         lines.iter().filter(|l| l.ends_with(" before")).count() == 6
     });
-    let gpid = job.seen[0]
+    let gpid = job.seen()[0]
         .strip_prefix("gpid ")
         .expect("the job's first line")
         .to_string();
-    let before = child_lines(&job.seen.join("\n"));
+    let before = child_lines(&job.seen().join("\n"));
     assert!(
         before.iter().all(|c| c[0] == gpid && c[1] == "1"),
         "without DISTANT_FORK every child is in job {gpid} on node 1: {before:?}"
@@ -1281,11 +994,11 @@ fn lab_vsmp_capset_shows_and_changes_a_running_job() {
     fs::write(dir.path().join("go"), "").expect("writes go");
     let status = job.wait(RUN_TIMEOUT);
     assert!(status.success(), "{status}: {:?}", job.stderr());
-    let after: Vec<Vec<String>> = child_lines(&job.seen.join("\n"))
+    let after: Vec<Vec<String>> = child_lines(&job.seen().join("\n"))
         .into_iter()
         .filter(|c| c.last().is_some_and(|w| w == "after"))
         .collect();
-    assert_eq!(after.len(), 9, "{:?}", job.seen);
+    assert_eq!(after.len(), 9, "{:?}", job.seen());
     let own_jobs = after.iter().filter(|c| c[0] != gpid).count();
     let nodes: BTreeSet<&str> = after.iter().map(|c| c[1].as_str()).collect();
     step(&format!(
