@@ -60,6 +60,9 @@ pub struct ImageMeta {
     pub carry: StdinCarry,
     /// Bytes of CRIU's files.
     pub bytes: u64,
+    /// CPU time the job had used when it was saved.
+    #[serde(default)]
+    pub cpu_ns: u64,
 }
 
 /// The replicated catalogue entry of an image.

@@ -1207,3 +1207,61 @@ fn lab_migration_just_started_job() {
         krg_ok(&lab, 1, &["kill", gpid]);
     }
 }
+
+/// A job's CPU time is that of its whole life, as `ps` shows a process's:
+/// CRIU's restored processes count from zero, and `krg ps` must not. A
+/// spinning job that has used a second of CPU on node 1 shows at least as
+/// much right after a move to node 2, and again after `checkpoint --kill`
+/// and a restart on node 3.
+#[test]
+fn lab_migration_cpu_time_survives_moves_and_restarts() {
+    let Some(lab) = lab_up() else { return };
+    let spin = [
+        "run",
+        "-d",
+        "--node",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ];
+    let gpid = krg_ok(&lab, 1, &spin).trim().to_string();
+    let cpu = |gpid: &str| {
+        ps_job(&lab, 1, gpid)
+            .and_then(|j| j["cpu_seconds"].as_f64())
+            .unwrap_or_else(|| panic!("krg ps lists job {gpid} with its cpu_seconds"))
+    };
+
+    step("a spinning job uses a second of CPU on node 1");
+    lab::wait_until(WAIT, "a second of CPU", || match cpu(&gpid) {
+        s if s >= 1.0 => Ok(()),
+        s => Err(format!("{s} s")),
+    })
+    .unwrap();
+
+    step("moved to node 2: its CPU time goes on from there");
+    let before_move = cpu(&gpid);
+    migrate(&lab, 1, &gpid, 2, "auto");
+    wait_running_on(&lab, 1, &gpid, 2);
+    let after_move = cpu(&gpid);
+    assert!(
+        after_move >= before_move,
+        "CPU time {before_move} s before the move, {after_move} s after"
+    );
+
+    step("checkpoint --kill, restart on node 3: the same");
+    let before_checkpoint = cpu(&gpid);
+    krg_ok(&lab, 1, &["checkpoint", &gpid, "--kill"]);
+    krg_ok(&lab, 1, &["restart", &gpid, "--node", "3"]);
+    wait_running_on(&lab, 1, &gpid, 3);
+    let after_restart = cpu(&gpid);
+    assert!(
+        after_restart >= before_checkpoint,
+        "CPU time {before_checkpoint} s before the checkpoint, {after_restart} s after the restart"
+    );
+    step(&format!(
+        "CPU time {before_move:.2} s -> {after_move:.2} s over the move, {before_checkpoint:.2} s -> {after_restart:.2} s over the restart"
+    ));
+    krg_ok(&lab, 1, &["kill", &gpid]);
+}

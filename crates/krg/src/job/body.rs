@@ -16,7 +16,7 @@ use krg_types::{Gpid, NodeId};
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -58,6 +58,10 @@ pub struct BodyCtl {
     pub keys: Mutex<super::stdio::StreamKeys>,
     /// krg-init has started the command (before that, CRIU cannot dump it).
     pub started: AtomicBool,
+    /// CPU time the job used before it came here (on the nodes it left, or
+    /// before the checkpoint it was restarted from): restored processes
+    /// start their counters at zero, and `krg ps` must not.
+    pub cpu_ns_before: AtomicU64,
 }
 
 impl BodyCtl {
@@ -87,7 +91,14 @@ impl BodyCtl {
             cmd,
             keys: Mutex::new(keys),
             started: AtomicBool::new(false),
+            cpu_ns_before: AtomicU64::new(0),
         }
+    }
+
+    /// CPU time the job has used in its whole life, in nanoseconds.
+    pub fn cpu_ns(&self) -> u64 {
+        self.cpu_ns_before.load(Ordering::SeqCst)
+            + self.cgroup.cpu_ns(self.init_pid.load(Ordering::SeqCst))
     }
 
     pub fn caps(&self) -> Caps {
@@ -148,7 +159,7 @@ impl BodyCtl {
             } else {
                 JobState::Running
             },
-            cpu_ns: self.cgroup.cpu_ns(self.init_pid.load(Ordering::SeqCst)),
+            cpu_ns: self.cpu_ns(),
             rss_bytes: self.cgroup.rss_bytes(),
             started_ms: self.started_ms,
             command: self.command.clone(),

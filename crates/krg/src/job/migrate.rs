@@ -103,6 +103,9 @@ pub struct RestoreJob {
     pub carry: StdinCarry,
     /// Post-copy: the source's page server.
     pub lazy: Option<(String, u16)>,
+    /// CPU time the job had used when it was frozen.
+    #[serde(default)]
+    pub cpu_ns: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -265,6 +268,7 @@ async fn freeze_and_take(ctl: &BodyCtl, pumps: &mut Pumps) -> Result<Taken, Remo
         stderr,
         stdin,
         carry,
+        cpu_ns: tokio::task::block_in_place(|| ctl.cpu_ns()),
     })
 }
 
@@ -273,6 +277,8 @@ struct Taken {
     stderr: Option<super::fdio::Fd>,
     stdin: Option<super::fdio::Fd>,
     carry: StdinCarry,
+    /// The job's CPU time once frozen, for wherever it is restored.
+    cpu_ns: u64,
 }
 
 impl Taken {
@@ -472,6 +478,7 @@ async fn migrate(
         keys,
         carry: taken.carry.clone(),
         lazy: port.map(|p| (ip_of(&node.addr), p)),
+        cpu_ns: taken.cpu_ns,
     };
     let dumped_ms = frozen_at.elapsed().as_millis();
     let asked = node
@@ -658,6 +665,7 @@ async fn fail_here(
         keys: *keys,
         carry: taken.carry.clone(),
         lazy: lazy.as_ref().map(|(l, _, _)| l.clone()),
+        cpu_ns: taken.cpu_ns,
     };
     node.jobs.bodies_remove(gpid);
     // A task of its own: the restored body's supervisor is this very kind
@@ -818,6 +826,7 @@ async fn checkpoint(
         keys,
         carry: taken.carry.clone(),
         bytes,
+        cpu_ns: taken.cpu_ns,
     };
     let rec = ImageRecord {
         gpid,

@@ -673,6 +673,7 @@ pub async fn restart(
         keys: meta.keys,
         carry: meta.carry,
         lazy: None,
+        cpu_ns: meta.cpu_ns,
     };
     if target == node.id {
         super::migrate::restore_here(node, job).await?;

@@ -84,6 +84,7 @@ async fn restore_here_inner(
         io.keys,
     ));
     ctl.init_pid.store(pid, Ordering::SeqCst);
+    ctl.cpu_ns_before.store(job.cpu_ns, Ordering::SeqCst);
     // A restored job was running when it was saved.
     ctl.started.store(true, Ordering::SeqCst);
     let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
