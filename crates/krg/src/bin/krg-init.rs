@@ -2,11 +2,13 @@
 //!
 //! The contract with `krgd` is in `docs/architecture.md` ("`krg-init`"):
 //! stdio on fds 0-2, the status pipe on fd 3, the job's identity and limits
-//! on the command line, the job's environment as our own. We unshare PID,
-//! mount and IPC namespaces and fork; the outer process reports the inner
-//! init's host pid and exits, the inner one (pid 1 in the job) mounts a
-//! fresh /proc, forks the command as the user, forwards signals, reaps, and
-//! reports how the command ended.
+//! on the command line, the job's environment as our own. krgd starts us as
+//! the job's init already (its namespaces and cgroups made by its `clone`,
+//! `KRG_INIT_INNER` set); started by hand, we make them: join the cgroups,
+//! unshare PID, mount and IPC namespaces and fork; the outer process
+//! reports the inner init's host pid and exits. The init (pid 1 in the job)
+//! mounts a fresh /proc, forks the command as the user, forwards signals,
+//! reaps, and reports how the command ended.
 
 #[path = "krg_init/args.rs"]
 mod args;
@@ -25,7 +27,8 @@ use nix::sched::{unshare, CloneFlags};
 
 use crate::status::{errno, Line, Status, Step, STATUS_FD};
 
-/// Marks, in the environment, the inner init's re-execution.
+/// Marks, in the environment, that we are the job's init already: the
+/// inner init's re-execution, or krgd's start (`job/spawn.rs`).
 const INNER_MARK: &str = "KRG_INIT_INNER";
 
 /// Exit code on a bad command line.

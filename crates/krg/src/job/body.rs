@@ -284,11 +284,11 @@ fn init_args(
     a
 }
 
-/// Spawns krg-init in a new cgroup.
+/// Spawns krg-init in a new cgroup; returns its pid too.
 async fn launch(
     node: &Arc<Node>,
     spec: &LaunchSpec,
-) -> Result<(JobCgroup, BodyIo, StatusReader), (RemoteError, i32)> {
+) -> Result<(JobCgroup, BodyIo, StatusReader, i32), (RemoteError, i32)> {
     let me = node.id;
     spec.check()
         .map_err(|e| (RemoteError::new(ErrorCode::BadRequest, e.to_string()), 1))?;
@@ -297,7 +297,7 @@ async fn launch(
         .map_err(|e| internal(me, "cannot create its cgroup", e))?;
     tracing::debug!(gpid = %spec.gpid, us = t0.elapsed().as_micros(), "timing: cgroup made");
     match spawn_init(node, spec, &cgroup).await {
-        Ok((io, status)) => Ok((cgroup, io, status)),
+        Ok((io, status, pid)) => Ok((cgroup, io, status, pid)),
         Err(e) => {
             tokio::task::block_in_place(|| cgroup.remove());
             Err(e)
@@ -314,7 +314,7 @@ async fn spawn_init(
     node: &Arc<Node>,
     spec: &LaunchSpec,
     cgroup: &JobCgroup,
-) -> Result<(BodyIo, StatusReader), (RemoteError, i32)> {
+) -> Result<(BodyIo, StatusReader, i32), (RemoteError, i32)> {
     let me = node.id;
     let (ends, io, status) =
         make_streams(spec.tty).map_err(|e| internal(me, "cannot make its streams", e))?;
@@ -344,6 +344,14 @@ async fn spawn_init(
     if let Some(krg) = &node.krg_path {
         env.set("KRG_BIN", krg.as_os_str().as_bytes());
     }
+    // Started in its namespaces already: krg-init's inner half (see
+    // `Spawn::start_isolated`).
+    env.set(INIT_INNER_ENV, "1");
+    let join: Vec<std::ffi::CString> = cgroup
+        .dirs
+        .iter()
+        .filter_map(|d| std::ffi::CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).ok())
+        .collect();
     let spawn = super::spawn::Spawn {
         program: node.init_path.as_os_str(),
         args: init_args(spec, cgroup, view.as_deref())
@@ -359,17 +367,15 @@ async fn spawn_init(
         ],
     };
     let pid = spawn
-        .start()
+        .start_isolated(&join)
         .map_err(|e| internal(me, "cannot run krg-init", e))?;
     drop((child_in, child_out, child_err, status_w));
-    // The outer krg-init exits at once; reap it off the runtime's threads.
-    tokio::task::spawn_blocking(move || {
-        let mut st = 0;
-        // SAFETY: our own child, reaped here only.
-        unsafe { libc::waitpid(pid, &mut st, 0) };
-    });
-    Ok((io, status))
+    Ok((io, status, pid))
 }
+
+/// Tells krg-init that it was started as its job's init, in the job's
+/// namespaces and cgroups (krg-init's `INNER_MARK`).
+const INIT_INNER_ENV: &str = "KRG_INIT_INNER";
 
 /// A process environment as `KEY=value` entries, in order, each key once.
 struct Env(Vec<Vec<u8>>);
@@ -417,7 +423,7 @@ async fn run(
 ) {
     let gpid = spec.gpid;
     let t0 = std::time::Instant::now();
-    let (cgroup, io, mut status) = match launch(&node, &spec).await {
+    let (cgroup, io, status, init_pid) = match launch(&node, &spec).await {
         Ok(l) => l,
         Err((error, exit_code)) => {
             node.metrics
@@ -428,29 +434,7 @@ async fn run(
             return;
         }
     };
-    // The first line is the init's host pid (krg-init guarantees the order).
-    let init_pid = loop {
-        match status.next().await {
-            Ok(Some(mut lines)) => {
-                if let Some(StatusLine::Pid(p)) = lines.first().cloned() {
-                    // What came with it (started, a failure, the end) is
-                    // the supervisor's.
-                    lines.remove(0);
-                    status.unread(lines);
-                    break Some(p);
-                }
-            }
-            _ => break None,
-        }
-    };
     tracing::debug!(gpid = %gpid, us = t0.elapsed().as_micros(), "timing: init pid known");
-    let Some(init_pid) = init_pid else {
-        let (error, exit_code) =
-            internal(node.id, "krg-init", "it exited without reporting its pid");
-        let _ = tx.send(FromBody::Failed { error, exit_code }).await;
-        tokio::task::block_in_place(|| cgroup.remove());
-        return;
-    };
     let (cmd_tx, cmd_rx) = mpsc::channel(4);
     let ctl = Arc::new(BodyCtl::new(&node, spec, cgroup, cmd_tx, io.keys));
     ctl.init_pid.store(init_pid, Ordering::SeqCst);

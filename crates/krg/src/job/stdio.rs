@@ -50,8 +50,6 @@ impl StreamKeys {
 pub struct StatusReader {
     pub fd: Fd,
     splitter: LineSplitter,
-    /// Lines read but not consumed yet.
-    unread: Vec<StatusLine>,
 }
 
 impl StatusReader {
@@ -59,22 +57,11 @@ impl StatusReader {
         StatusReader {
             fd,
             splitter: LineSplitter::default(),
-            unread: Vec::new(),
         }
-    }
-
-    /// Gives lines back, to be returned first by `next`.
-    pub fn unread(&mut self, lines: Vec<StatusLine>) {
-        let mut lines = lines;
-        lines.append(&mut self.unread);
-        self.unread = lines;
     }
 
     /// The next lines; `None` at end of file (the init is gone).
     pub async fn next(&mut self) -> std::io::Result<Option<Vec<StatusLine>>> {
-        if !self.unread.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.unread)));
-        }
         let mut buf = [0u8; 256];
         let n = self.fd.read(&mut buf).await?;
         if n == 0 {
