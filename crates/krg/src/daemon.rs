@@ -268,6 +268,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         logs_dir,
         placements: Mutex::new(VecDeque::new()),
         placement_policy: Mutex::new(None),
+        spare_links: crate::job::spare_link::SpareLinks::default(),
         events: crate::events::EventLog::new(id),
         metrics: crate::metrics::Metrics::new(),
         criu: crate::criu::CriuRpc::new(),

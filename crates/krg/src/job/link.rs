@@ -5,6 +5,7 @@
 //! the home side reports the job lost.
 
 use super::body::{self, BodyLink, LINK_FRAMES_MAX};
+use super::spare_link::StreamConn;
 use super::spec::LaunchSpec;
 use crate::identity::ca::node_id_of_der;
 use crate::identity::tls::server_name;
@@ -61,8 +62,28 @@ async fn connect(node: &Arc<Node>, target: NodeId, first: ToBody) -> Result<Body
                 format!("node {target} is not a member of this cluster"),
             )
         })?;
+    let mut conn = match node.spare_links.take(target) {
+        Some(conn) => conn,
+        None => open_stream(node, target, &addr).await?,
+    };
+    conn.send(&first)
+        .await
+        .map_err(|e| unavailable(format!("node {target}: {e}")))?;
+    make_spare(node.clone(), target, addr);
+    let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
+    let (from_tx, from_rx) = mpsc::channel(LINK_FRAMES_MAX);
+    tokio::spawn(home_pump(node.clone(), target, conn, to_rx, from_tx));
+    Ok(BodyLink {
+        tx: to_tx,
+        rx: from_rx,
+    })
+}
+
+/// TCP, TLS (the peer must show `target`'s certificate) and the stream
+/// hello: a connection ready for its first frame.
+async fn open_stream(node: &Node, target: NodeId, addr: &str) -> Result<StreamConn, RemoteError> {
     let connect = async {
-        let tcp = TcpStream::connect(&addr)
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| unavailable(format!("node {target} is unreachable: {e}")))?;
         tcp.set_nodelay(true).ok();
@@ -90,21 +111,25 @@ async fn connect(node: &Arc<Node>, target: NodeId, first: ToBody) -> Result<Body
             .await
             .map_err(|e| unavailable(format!("node {target}: {e}")))?;
         ok?;
-        conn.send(&first)
-            .await
-            .map_err(|e| unavailable(format!("node {target}: {e}")))?;
         Ok(conn)
     };
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT * 2, connect)
+    tokio::time::timeout(CONNECT_TIMEOUT * 2, connect)
         .await
-        .map_err(|_| unavailable(format!("node {target} did not answer in time")))??;
-    let (to_tx, to_rx) = mpsc::channel(LINK_FRAMES_MAX);
-    let (from_tx, from_rx) = mpsc::channel(LINK_FRAMES_MAX);
-    tokio::spawn(home_pump(node.clone(), target, conn, to_rx, from_tx));
-    Ok(BodyLink {
-        tx: to_tx,
-        rx: from_rx,
-    })
+        .map_err(|_| unavailable(format!("node {target} did not answer in time")))?
+}
+
+/// Makes the next connection to `target` in the background, for the next
+/// launch there (`spare_link`).
+fn make_spare(node: Arc<Node>, target: NodeId, addr: String) {
+    if node.spare_links.has(target) {
+        return;
+    }
+    tokio::spawn(async move {
+        match open_stream(&node, target, &addr).await {
+            Ok(conn) => node.spare_links.put(target, conn),
+            Err(e) => tracing::debug!(%target, error = %e.message, "no spare stream connection"),
+        }
+    });
 }
 
 async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(

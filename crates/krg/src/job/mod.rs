@@ -19,6 +19,7 @@ pub mod ops;
 pub mod place;
 pub mod reap;
 pub mod restore;
+pub mod spare_link;
 pub mod spawn;
 pub mod spec;
 pub mod status;

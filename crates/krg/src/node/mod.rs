@@ -69,6 +69,8 @@ pub struct Node {
     pub events: crate::events::EventLog,
     /// The placement policy in force, and the configuration it was made from.
     pub placement_policy: Mutex<Option<(SchedConfig, Box<dyn Placement>)>>,
+    /// Stream connections to peers made ahead of the next remote launch.
+    pub spare_links: crate::job::spare_link::SpareLinks,
 }
 
 pub struct PlacementGuard<'a> {
