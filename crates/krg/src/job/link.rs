@@ -12,7 +12,7 @@ use crate::identity::tls::server_name;
 use crate::node::Node;
 use crate::peer::pool::CONNECT_TIMEOUT;
 use crate::wire::stream::{FromBody, ToBody};
-use crate::wire::{ConnKind, ErrorCode, FrameConn, Hello, RemoteError};
+use crate::wire::{ConnKind, ErrorCode, FrameConn, Hello, RemoteError, WireError};
 use futures::{SinkExt, StreamExt};
 use krg_types::limits::HANDSHAKE_TIMEOUT_MS;
 use krg_types::{Gpid, NodeId, NodeState};
@@ -126,7 +126,12 @@ fn make_spare(node: Arc<Node>, target: NodeId, addr: String) {
     }
     tokio::spawn(async move {
         match open_stream(&node, target, &addr).await {
-            Ok(conn) => node.spare_links.put(target, conn),
+            Ok(conn) => {
+                node.spare_links.put(target, conn);
+                // Not left open past its use-by time.
+                tokio::time::sleep(super::spare_link::SPARE_MAX_AGE).await;
+                node.spare_links.drop_stale();
+            }
             Err(e) => tracing::debug!(%target, error = %e.message, "no spare stream connection"),
         }
     });
@@ -202,10 +207,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     from: NodeId,
     mut conn: FrameConn<S>,
 ) -> Result<(), String> {
-    let first: ToBody = conn
-        .recv_timeout(HANDSHAKE_TIMEOUT_MS)
-        .await
-        .map_err(|e| format!("node {from}: bad launch: {e}"))?;
+    let first: ToBody = match conn.recv_timeout(HANDSHAKE_TIMEOUT_MS).await {
+        Ok(first) => first,
+        // A spare connection (`spare_link`) that was never used: the
+        // peer dropped it, or kept it past our wait.
+        Err(WireError::Closed | WireError::Io(_) | WireError::Timeout(_)) => {
+            tracing::debug!(%from, "a spare stream connection ended unused");
+            return Ok(());
+        }
+        Err(e) => return Err(format!("node {from}: bad launch: {e}")),
+    };
     let (gpid, BodyLink { tx, mut rx }) = match first {
         ToBody::Launch(spec) => {
             let gpid = spec.gpid;

@@ -22,7 +22,7 @@ pub type StreamConn = FrameConn<TlsStream<TcpStream>>;
 
 /// How long a spare is kept: well within the peer's wait for its first
 /// frame, so that it cannot close it while we send.
-const SPARE_MAX_AGE: Duration = Duration::from_millis(HANDSHAKE_TIMEOUT_MS / 2);
+pub const SPARE_MAX_AGE: Duration = Duration::from_millis(HANDSHAKE_TIMEOUT_MS / 2);
 
 #[derive(Default)]
 pub struct SpareLinks {
@@ -38,9 +38,14 @@ impl SpareLinks {
 
     /// Keeps `conn` as the spare to `target`, unless there is one already.
     pub fn put(&self, target: NodeId, conn: StreamConn) {
-        let mut spares = self.lock();
-        spares.retain(|_, (_, made)| made.elapsed() < SPARE_MAX_AGE);
-        spares.entry(target).or_insert((conn, Instant::now()));
+        self.drop_stale();
+        self.lock().entry(target).or_insert((conn, Instant::now()));
+    }
+
+    /// Closes the spares that are too old to be used.
+    pub fn drop_stale(&self) {
+        self.lock()
+            .retain(|_, (_, made)| made.elapsed() < SPARE_MAX_AGE);
     }
 
     pub fn has(&self, target: NodeId) -> bool {
