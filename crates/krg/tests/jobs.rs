@@ -1027,6 +1027,36 @@ fn lab_jobs_errors_are_said_once() {
     );
 }
 
+/// Goal: launches on another node, back to back (a spare connection made
+/// ahead serves the next one) or far apart (the spare has expired unused),
+/// all succeed and leave nothing a node logs as a warning. Method: three
+/// `krg run --node 2 true` from node 1, the last after the spare's use-by
+/// time; then past the time node 2 waits for a connection's first frame,
+/// the `WARN` lines of both nodes' logs about node-port connections.
+#[test]
+fn lab_jobs_remote_launches_leave_no_warnings() {
+    let Some(lab) = lab_up() else { return };
+    let launch = |what: &str| {
+        let out = run(krg_cmd(&lab, 1, &["run", "--node", "2", "true"]));
+        assert!(out.status.success(), "{what}: {}", show(&out));
+    };
+    launch("first launch");
+    launch("launch right after");
+    // Longer than a spare is kept (half of the peer's 5 s wait).
+    thread::sleep(Duration::from_secs(3));
+    launch("launch after the spare expired");
+    // Longer than the peer waits for the first frame of the new spare.
+    thread::sleep(Duration::from_secs(6));
+    for k in [1, 2] {
+        let log = fs::read_to_string(lab.log(k)).unwrap_or_default();
+        let warned: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("node-port connection"))
+            .collect();
+        assert!(warned.is_empty(), "node {k} warned: {warned:#?}");
+    }
+}
+
 /// Goal: a command that cannot be executed is reported as a shell would,
 /// every time, also when krgd is busy. Method: a shell on node 1 starts 40
 /// `krg run` at once in the background (stdin from /dev/null), half of a
