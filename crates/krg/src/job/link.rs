@@ -210,8 +210,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let first: ToBody = match conn.recv_timeout(HANDSHAKE_TIMEOUT_MS).await {
         Ok(first) => first,
         // A spare connection (`spare_link`) that was never used: the
-        // peer dropped it, or kept it past our wait.
-        Err(WireError::Closed | WireError::Io(_) | WireError::Timeout(_)) => {
+        // peer closed it, or kept it past our wait.
+        Err(WireError::Closed | WireError::Timeout(_)) => {
             tracing::debug!(%from, "a spare stream connection ended unused");
             return Ok(());
         }

@@ -4,8 +4,9 @@
 //!
 //! A spare is made after each use, in the background, and kept for less
 //! time than the peer waits for a stream's first frame
-//! (`HANDSHAKE_TIMEOUT_MS`); one the peer has closed meanwhile (it
-//! restarted, or the network broke) is seen before use and not taken.
+//! (`HANDSHAKE_TIMEOUT_MS`), then closed cleanly; one the peer has closed
+//! meanwhile (it restarted, or the network broke) is seen before use and
+//! not taken.
 
 use crate::wire::FrameConn;
 use krg_types::limits::HANDSHAKE_TIMEOUT_MS;
@@ -33,7 +34,11 @@ impl SpareLinks {
     /// The spare connection to `target`, if there is a fresh, open one.
     pub fn take(&self, target: NodeId) -> Option<StreamConn> {
         let (conn, made) = self.lock().remove(&target)?;
-        (made.elapsed() < SPARE_MAX_AGE && still_open(&conn)).then_some(conn)
+        if made.elapsed() < SPARE_MAX_AGE && still_open(&conn) {
+            return Some(conn);
+        }
+        retire(conn);
+        None
     }
 
     /// Keeps `conn` as the spare to `target`, unless there is one already.
@@ -44,8 +49,18 @@ impl SpareLinks {
 
     /// Closes the spares that are too old to be used.
     pub fn drop_stale(&self) {
-        self.lock()
-            .retain(|_, (_, made)| made.elapsed() < SPARE_MAX_AGE);
+        let stale: Vec<StreamConn> = {
+            let mut spares = self.lock();
+            let old: Vec<NodeId> = spares
+                .iter()
+                .filter(|(_, (_, made))| made.elapsed() >= SPARE_MAX_AGE)
+                .map(|(id, _)| *id)
+                .collect();
+            old.iter()
+                .filter_map(|id| spares.remove(id).map(|(conn, _)| conn))
+                .collect()
+        };
+        stale.into_iter().for_each(retire);
     }
 
     pub fn has(&self, target: NodeId) -> bool {
@@ -55,6 +70,15 @@ impl SpareLinks {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, (StreamConn, Instant)>> {
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Closes an unused spare as TLS asks (close_notify), so that the peer
+/// sees a stream that ended before its first frame, not a broken one.
+fn retire(conn: StreamConn) {
+    tokio::spawn(async move {
+        let mut tls = conn.into_inner().into_inner();
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    });
 }
 
 /// The peer sends nothing on a spare before its first frame: anything to
