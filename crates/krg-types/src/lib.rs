@@ -12,3 +12,8 @@ pub use node::{NodeId, NodeIdError, NodeState};
 
 /// The krg release, shown by `krg nodes` and exchanged at join.
 pub const KRG_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Set in krg-init's environment when it starts as its job's init already,
+/// in the job's namespaces and cgroups: by krgd's `clone`, or by its own
+/// re-execution when started by hand.
+pub const INIT_INNER_ENV: &str = "KRG_INIT_INNER";

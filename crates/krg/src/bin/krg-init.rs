@@ -27,9 +27,8 @@ use nix::sched::{unshare, CloneFlags};
 
 use crate::status::{errno, Line, Status, Step, STATUS_FD};
 
-/// Marks, in the environment, that we are the job's init already: the
-/// inner init's re-execution, or krgd's start (`job/spawn.rs`).
-const INNER_MARK: &str = "KRG_INIT_INNER";
+/// Marks, in the environment, that we are the job's init already.
+const INNER_MARK: &str = krg_types::INIT_INNER_ENV;
 
 /// Exit code on a bad command line.
 const EXIT_USAGE: i32 = 2;

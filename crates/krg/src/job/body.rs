@@ -231,11 +231,9 @@ pub(crate) fn view_for(node: &Node, spec: &LaunchSpec) -> Option<std::path::Path
     (!local).then(|| node.view_dir.get().cloned()).flatten()
 }
 
-fn init_args(
-    spec: &LaunchSpec,
-    cgroup: &JobCgroup,
-    view: Option<&std::path::Path>,
-) -> Vec<std::ffi::OsString> {
+/// krg-init's arguments; its cgroups are joined by the `clone` that
+/// starts it (`Spawn::start_isolated`), not named here.
+fn init_args(spec: &LaunchSpec, view: Option<&std::path::Path>) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = vec![
         "--uid".into(),
         spec.uid.to_string().into(),
@@ -267,10 +265,6 @@ fn init_args(
         };
         a.push("--rlimit".into());
         a.push(format!("{}={}:{}", r.resource, v(r.soft), v(r.hard)).into());
-    }
-    for d in &cgroup.dirs {
-        a.push("--cgroup".into());
-        a.push(d.as_os_str().to_owned());
     }
     if let Some(v) = view {
         a.push("--view".into());
@@ -346,7 +340,7 @@ async fn spawn_init(
     }
     // Started in its namespaces already: krg-init's inner half (see
     // `Spawn::start_isolated`).
-    env.set(INIT_INNER_ENV, "1");
+    env.set(krg_types::INIT_INNER_ENV, "1");
     let join: Vec<std::ffi::CString> = cgroup
         .dirs
         .iter()
@@ -354,7 +348,7 @@ async fn spawn_init(
         .collect();
     let spawn = super::spawn::Spawn {
         program: node.init_path.as_os_str(),
-        args: init_args(spec, cgroup, view.as_deref())
+        args: init_args(spec, view.as_deref())
             .iter()
             .map(|a| AsRef::<OsStr>::as_ref(a).as_bytes().to_vec())
             .collect(),
@@ -372,10 +366,6 @@ async fn spawn_init(
     drop((child_in, child_out, child_err, status_w));
     Ok((io, status, pid))
 }
-
-/// Tells krg-init that it was started as its job's init, in the job's
-/// namespaces and cgroups (krg-init's `INNER_MARK`).
-const INIT_INNER_ENV: &str = "KRG_INIT_INNER";
 
 /// A process environment as `KEY=value` entries, in order, each key once.
 struct Env(Vec<Vec<u8>>);

@@ -152,12 +152,7 @@ impl JobCgroup {
 
     /// Sends a signal to every process of the job.
     pub fn signal_all(&self, sig: i32) {
-        for pid in self.pids() {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid, sig);
-            }
-        }
+        signal_pids(&self.pids(), sig);
     }
 
     /// Kills everything in the job, freezing first so nothing forks away.
@@ -184,6 +179,16 @@ impl JobCgroup {
             if d.exists() {
                 tracing::warn!(dir = %d.display(), "could not remove a job cgroup");
             }
+        }
+    }
+}
+
+/// Sends `sig` to each of `pids`; a pid that has gone meanwhile is skipped.
+pub fn signal_pids(pids: &[i32], sig: i32) {
+    for &pid in pids {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, sig);
         }
     }
 }

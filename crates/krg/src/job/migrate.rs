@@ -17,6 +17,7 @@
 //!    running twice.
 
 use super::body::BodyCtl;
+use super::cgroup::signal_pids;
 pub use super::restore::restore_here;
 use super::spec::LaunchSpec;
 use super::stdio::{Pumps, StatusReader, StdinCarry, StreamKeys};
@@ -450,7 +451,7 @@ async fn migrate(
                 }
                 Some(Ok(Ok(_))) => {
                     // Left stopped (a lazy dump never kills): continue them.
-                    signal_all(&originals, libc::SIGCONT);
+                    signal_pids(&originals, libc::SIGCONT);
                     let why = "the page server did not start".to_string();
                     stay_here(node, ctl, pumps, tx, taken, &dir, why).await
                 }
@@ -509,10 +510,10 @@ async fn migrate(
                     && confirm_moved(node, target, &target_addr, gpid).await;
                 if transferred {
                     // SIGKILL waits for the thaw to be delivered.
-                    signal_all(&originals, libc::SIGKILL);
+                    signal_pids(&originals, libc::SIGKILL);
                     let _ = ctl.cgroup.set_frozen(false);
                 } else {
-                    signal_all(&originals, libc::SIGCONT);
+                    signal_pids(&originals, libc::SIGCONT);
                     let kill = PeerRequest::SignalJob {
                         gpid,
                         signal: libc::SIGKILL,
@@ -586,14 +587,6 @@ fn count_failure(node: &Node) {
         .failures
         .get_or_create(&crate::metrics::Metrics::label(&[("kind", "migration")]))
         .inc();
-}
-
-/// Sends `signal` to each of `pids` (a job's tasks, listed while frozen).
-fn signal_all(pids: &[i32], signal: i32) {
-    for &pid in pids {
-        // SAFETY: plain kill(2); a pid that has gone meanwhile is ignored.
-        unsafe { libc::kill(pid, signal) };
-    }
 }
 
 /// Does `target` run job `gpid` now? Asked after a lazy dump ended, which
@@ -677,7 +670,7 @@ async fn fail_here(
             if let Some((_, Some(d), originals)) = lazy {
                 let _ = d.await;
                 // The lazy dump left the job's first tasks stopped.
-                signal_all(&originals, libc::SIGKILL);
+                signal_pids(&originals, libc::SIGKILL);
                 let _ = ctl.cgroup.set_frozen(false);
             }
             (

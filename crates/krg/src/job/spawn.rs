@@ -65,7 +65,7 @@ impl Spawn<'_> {
         argv.push(ptr::null());
         let mut envp: Vec<*const libc::c_char> = env_owned.iter().map(|s| s.as_ptr()).collect();
         envp.push(ptr::null());
-        let fds = self.fds.clone();
+        let fds = &self.fds;
         // Written by the child (shared memory) when a step fails before the
         // exec; read once `clone` has returned, when the child has exec'd
         // or exited.
@@ -86,7 +86,7 @@ impl Spawn<'_> {
                     }
                     libc::close(fd);
                 }
-                for &(ours, theirs) in &fds {
+                for &(ours, theirs) in fds {
                     let rc = if ours == theirs {
                         libc::fcntl(theirs, libc::F_SETFD, 0)
                     } else {

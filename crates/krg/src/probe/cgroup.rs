@@ -107,15 +107,7 @@ pub fn memory_usage() -> Option<u64> {
 /// (the one probing is always running) and its CRIU helpers excepted.
 pub fn runnable_tasks() -> u32 {
     let mut own = super::helpers::criu_threads();
-    own.extend(
-        fs::read_dir("/proc/self/task")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default(),
-    );
+    own.extend(super::helpers::threads_of("self"));
     let Some(dir) = own_dir(if is_v2() { "" } else { "cpu" }) else {
         return 0;
     };

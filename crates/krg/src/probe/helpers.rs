@@ -33,7 +33,8 @@ pub fn criu_threads() -> HashSet<String> {
     found
 }
 
-fn threads_of(pid: &str) -> Vec<String> {
+/// Thread ids of process `pid` (or `self`), as /proc names them.
+pub fn threads_of(pid: &str) -> Vec<String> {
     fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
             d.flatten()
