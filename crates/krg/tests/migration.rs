@@ -1265,3 +1265,48 @@ fn lab_migration_cpu_time_survives_moves_and_restarts() {
     ));
     krg_ok(&lab, 1, &["kill", &gpid]);
 }
+
+/// A job that forks and execs all the time can be checkpointed and moved
+/// at any moment. krg-preload reads the job's capabilities from the
+/// cluster view at every exec of a forked child; a dump that caught a
+/// process between that open and its close failed (`Can't lookup mount`
+/// for `…/view/jobs/<gpid>/caps`: 7 checkpoints in 60 of such a loop, and
+/// once in CI). 30 checkpoints and 6 moves of `while :; do /bin/true;
+/// done` must all succeed (at 7 failures in 60, all 36 would pass once in 90).
+#[test]
+fn lab_migration_job_that_keeps_exec_ing_is_dumped_every_time() {
+    let Some(lab) = lab_up() else { return };
+    let gpid = krg_ok(
+        &lab,
+        1,
+        &[
+            "run",
+            "-d",
+            "--node",
+            "1",
+            "sh",
+            "-c",
+            "while :; do /bin/true; done",
+        ],
+    );
+    let gpid = gpid.trim().to_string();
+    wait_running_on(&lab, 1, &gpid, 1);
+
+    step("30 checkpoints, the job left running");
+    for i in 0..30 {
+        let out = krg(&lab, 1, &["checkpoint", &gpid, "--leave-running"]);
+        assert!(out.status.success(), "checkpoint {i}: {}", show(&out));
+    }
+
+    step("6 moves, stop and lazy");
+    let mut at = 1;
+    for (i, mode) in ["stop", "lazy"].iter().cycle().take(6).enumerate() {
+        let to = at % 3 + 1;
+        migrate(&lab, 1, &gpid, to, mode);
+        wait_running_on(&lab, 1, &gpid, to);
+        at = to;
+        let shown = ps_job(&lab, 1, &gpid).expect("listed");
+        assert_eq!(shown["state"], "running", "after move {i}: {shown}");
+    }
+    krg_ok(&lab, 1, &["kill", &gpid]);
+}

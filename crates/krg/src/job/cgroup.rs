@@ -127,25 +127,37 @@ impl JobCgroup {
             * page_size()
     }
 
-    /// Freezes or thaws every process of the job.
+    /// Freezes or thaws every process of the job, and waits (up to 2 s)
+    /// until the kernel says it is done: a dump, or a look at the job's
+    /// descriptors, needs it still.
     pub fn set_frozen(&self, frozen: bool) -> std::io::Result<()> {
-        if self.v2 {
-            let Some(p) = self.dir_with("cgroup.freeze") else {
+        let (control, value, state, done) = if self.v2 {
+            let control = self.dir_with("cgroup.freeze");
+            let events = self.dir_with("cgroup.events");
+            let Some((control, events)) = control.zip(events) else {
                 return Err(std::io::Error::other("no cgroup.freeze"));
             };
-            return fs::write(p, if frozen { "1" } else { "0" });
-        }
-        let Some(p) = self.dir_with("freezer.state") else {
-            return Err(std::io::Error::other(
-                "the freezer controller is not available",
-            ));
+            let done = if frozen { "frozen 1" } else { "frozen 0" };
+            (control, if frozen { "1" } else { "0" }, events, done)
+        } else {
+            let Some(p) = self.dir_with("freezer.state") else {
+                return Err(std::io::Error::other(
+                    "the freezer controller is not available",
+                ));
+            };
+            let want = if frozen { "FROZEN" } else { "THAWED" };
+            (p.clone(), want, p, want)
         };
-        fs::write(&p, if frozen { "FROZEN" } else { "THAWED" })?;
+        fs::write(&control, value)?;
         let deadline = Instant::now() + Duration::from_secs(2);
-        let want = if frozen { "FROZEN" } else { "THAWED" };
-        while fs::read_to_string(&p).unwrap_or_default().trim() != want && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(2));
+        let reached = || {
+            fs::read_to_string(&state)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.trim() == done)
+        };
+        while !reached() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     }

@@ -257,11 +257,17 @@ fn decode_addr(hex: &str) -> String {
 
 /// Freezes the job and takes its streams back: what it wrote is sent up,
 /// what it has not read is returned.
-async fn freeze_and_take(ctl: &BodyCtl, pumps: &mut Pumps) -> Result<Taken, RemoteError> {
+async fn freeze_and_take(
+    node: &Node,
+    ctl: &BodyCtl,
+    pumps: &mut Pumps,
+) -> Result<Taken, RemoteError> {
     ctl.frozen.store(true, Ordering::SeqCst);
-    ctl.cgroup
-        .set_frozen(true)
-        .map_err(|e| internal(format!("cannot freeze job {}: {e}", ctl.gpid)))?;
+    let view = node.view_dir.get().map(PathBuf::as_path);
+    if let Err(e) = super::quiesce::freeze(&ctl.cgroup, view).await {
+        ctl.frozen.store(false, Ordering::SeqCst);
+        return Err(internal(format!("cannot freeze job {}: {e}", ctl.gpid)));
+    }
     let (stdout, stderr) = pumps.stop_output().await;
     let (stdin, carry) = pumps.take_stdin().await;
     Ok(Taken {
@@ -390,7 +396,7 @@ async fn migrate(
         let _ = tx.send(FromBody::Resumed).await;
         return (Err(e), After::Stay);
     }
-    let taken = match freeze_and_take(ctl, pumps).await {
+    let taken = match freeze_and_take(node, ctl, pumps).await {
         Ok(t) => t,
         Err(e) => {
             let _ = tx.send(FromBody::Resumed).await;
@@ -767,7 +773,7 @@ async fn checkpoint(
             return (Err(e), After::Stay);
         }
     }
-    let taken = match freeze_and_take(ctl, pumps).await {
+    let taken = match freeze_and_take(node, ctl, pumps).await {
         Ok(t) => t,
         Err(e) => return (Err(e), After::Stay),
     };

@@ -17,6 +17,7 @@ pub mod link;
 pub mod migrate;
 pub mod ops;
 pub mod place;
+pub mod quiesce;
 pub mod reap;
 pub mod restore;
 pub mod spare_link;
