@@ -4,6 +4,7 @@
 //! node state) and the bounds every input is checked against.
 
 pub mod gpid;
+pub mod handoff;
 pub mod limits;
 pub mod node;
 

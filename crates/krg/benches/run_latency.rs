@@ -3,7 +3,10 @@
 //! local fork+exec, on a 3-node lab cluster. Prints one JSON object per
 //! line. Needs root (it builds a lab); run with `cargo bench --bench
 //! run_latency` (release binaries); `KRG_BENCH_ONLY=latency` stops after
-//! the start latencies.
+//! the start latencies; `KRG_BENCH_BASELINE=DIR` also measures the `krgd`
+//! and `krg` of DIR (an older build) on a second lab, in the same turns.
+//! Start latencies are taken in turns, one run of each variant after the
+//! other, so that a noisy moment of the machine falls on all of them.
 //!
 //! Every variant is a process started inside node 1's namespaces, so they
 //! all pay the same spawn cost on this side.
@@ -33,22 +36,30 @@ fn run_ok(mut c: Command) {
     assert!(st.success(), "command failed: {c:?}");
 }
 
-fn latency(name: &str, make: &dyn Fn() -> Command) {
-    for _ in 0..10 {
-        run_ok(make());
+/// Start latencies of several ways to run `true`, measured in turns (one
+/// run of each, then again) so that the machine's moods fall on all alike.
+fn latencies(variants: &[(&str, &dyn Fn() -> Command)]) {
+    for (_, make) in variants {
+        for _ in 0..10 {
+            run_ok(make());
+        }
     }
-    let mut ms = Vec::with_capacity(LATENCY_RUNS);
+    let mut ms = vec![Vec::with_capacity(LATENCY_RUNS); variants.len()];
     for _ in 0..LATENCY_RUNS {
-        let t = Instant::now();
-        run_ok(make());
-        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        for (i, (_, make)) in variants.iter().enumerate() {
+            let t = Instant::now();
+            run_ok(make());
+            ms[i].push(t.elapsed().as_secs_f64() * 1000.0);
+        }
     }
-    ms.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    println!(
-        "{}",
-        serde_json::json!({"bench": "start_latency", "variant": name, "runs": LATENCY_RUNS,
-            "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "min_ms": ms[0]})
-    );
+    for ((name, _), mut ms) in variants.iter().zip(ms) {
+        ms.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "start_latency", "variant": name, "runs": LATENCY_RUNS,
+                "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "min_ms": ms[0]})
+        );
+    }
 }
 
 fn burst(name: &str, make: &dyn Fn() -> Command) {
@@ -234,23 +245,54 @@ fn main() {
             c
         }
     };
-    latency("local fork+exec", &|| {
-        lab.command(1, "/bin/true").expect("node 1")
+    // KRG_BENCH_BASELINE=DIR: the krgd and krg binaries in DIR (an older
+    // build) on a second lab, measured in the same turns.
+    let baseline = std::env::var_os("KRG_BENCH_BASELINE").map(|dir| {
+        let dir = PathBuf::from(dir);
+        let mut opts = LabOptions::new(format!("c{}", std::process::id() % 100_000), 3);
+        opts.krgd = Some(dir.join("krgd"));
+        opts.krg = Some(dir.join("krg"));
+        opts.krgd_args = vec!["--load-scope".into(), "cgroup".into()];
+        (Lab::up(opts).expect("baseline lab up"), dir.join("krg"))
     });
+    let sshd = start_sshd(&lab);
+    let local = || lab.command(1, "/bin/true").expect("node 1");
     // The client alone: what starting the `krg` binary costs.
-    latency("krg --version (client start only)", &|| {
+    let version = || {
         let mut c = lab.command(1, krg).expect("node 1");
         c.arg("--version");
         c
-    });
-    latency("krg run --node 2", &krg_on("2", &["true"]));
-    latency("krg run --node 1 (same node)", &krg_on("1", &["true"]));
+    };
+    let on_2 = krg_on("2", &["true"]);
+    let on_1 = krg_on("1", &["true"]);
+    let base_on = |node: &'static str| {
+        let baseline = &baseline;
+        move || {
+            let (lab, krg) = baseline.as_ref().expect("a baseline");
+            let mut c = lab.command(1, krg).expect("node 1");
+            c.args(["run", "-T", "--node", node, "true"]);
+            c
+        }
+    };
+    let (base_2, base_1) = (base_on("2"), base_on("1"));
+    let ssh = || ssh_cmd(&lab, sshd.as_ref().expect("sshd"), "true");
+    let mut variants: Vec<(&str, &dyn Fn() -> Command)> = vec![
+        ("local fork+exec", &local),
+        ("krg --version (client start only)", &version),
+        ("krg run --node 2", &on_2),
+        ("krg run --node 1 (same node)", &on_1),
+    ];
+    if baseline.is_some() {
+        variants.push(("baseline: krg run --node 2", &base_2));
+        variants.push(("baseline: krg run --node 1 (same node)", &base_1));
+    }
+    if sshd.is_some() {
+        variants.push(("ssh ControlMaster", &ssh));
+    }
+    latencies(&variants);
+    drop(baseline);
     if std::env::var("KRG_BENCH_ONLY").as_deref() == Ok("latency") {
         return;
-    }
-    let sshd = start_sshd(&lab);
-    if let Some(s) = &sshd {
-        latency("ssh ControlMaster", &|| ssh_cmd(&lab, s, "true"));
     }
     burst("krg run --node 2", &krg_on("2", &["true"]));
     if let Some(s) = &sshd {

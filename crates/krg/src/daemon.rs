@@ -257,11 +257,12 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&logs_dir)
         .with_context(|| format!("cannot create {}", logs_dir.display()))?;
     let gpids = GpidAllocator::open(id, dir.path("gpid.next"))?;
+    let init_path = init_path(&config)?;
     let node = Arc::new(Node {
         view: Mutex::new(View::new(id, now_ms(), Instant::now())),
         jobs: JobTable::default(),
         gpids,
-        init_path: init_path(&config)?,
+        init_path: init_path.clone(),
         preload_path: tool_path("libkrg_preload.so"),
         krg_path: tool_path("krg"),
         view_dir: std::sync::OnceLock::new(),
@@ -269,6 +270,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         placements: Mutex::new(VecDeque::new()),
         placement_policy: Mutex::new(None),
         spare_links: crate::job::spare_link::SpareLinks::default(),
+        init_pool: Arc::new(crate::job::init_pool::InitPool::new(init_path.clone())),
         events: crate::events::EventLog::new(id),
         metrics: crate::metrics::Metrics::new(),
         criu: crate::criu::CriuRpc::new(),
@@ -299,6 +301,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         tokio::spawn(async move { apply_sched_file(&n, f).await });
     }
     let _view = mount_view(&node);
+    // Jobs' mount namespaces copy the node's, view included: the first
+    // waiting init is made once it is mounted.
+    node.init_pool.refill();
     tokio::task::spawn_blocking(|| {
         // CRIU's lazy page server needs bigger pipes than the default.
         match crate::features::ensure_pipe_max_size() {

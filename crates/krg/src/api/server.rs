@@ -34,8 +34,9 @@ pub async fn serve(listener: UnixListener, node: Arc<Node>) {
             continue;
         };
         let node = node.clone();
+        let accepted = std::time::Instant::now();
         tokio::spawn(async move {
-            if let Err(reason) = handle(stream, node).await {
+            if let Err(reason) = handle(stream, node, accepted).await {
                 tracing::warn!(%reason, "closed a client connection");
             }
             drop(permit);
@@ -43,7 +44,11 @@ pub async fn serve(listener: UnixListener, node: Arc<Node>) {
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Node>) -> Result<(), String> {
+async fn handle(
+    stream: UnixStream,
+    node: Arc<Node>,
+    accepted: std::time::Instant,
+) -> Result<(), String> {
     let cred = stream
         .peer_cred()
         .map_err(|e| format!("no peer credentials: {e}"))?;
@@ -80,6 +85,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) -> Result<(), String> {
         .recv_timeout(HANDSHAKE_TIMEOUT_MS)
         .await
         .map_err(|e| format!("uid {}: bad request: {e}", caller.uid))?;
+    tracing::debug!(us = accepted.elapsed().as_micros(), "timing: request read");
     if let ClientRequest::Run(run) = req {
         crate::job::home::run(node, caller, *run, conn).await;
         return Ok(());

@@ -6,12 +6,16 @@
 //! the job's init already (its namespaces and cgroups made by its `clone`,
 //! `KRG_INIT_INNER` set); started by hand, we make them: join the cgroups,
 //! unshare PID, mount and IPC namespaces and fork; the outer process
-//! reports the inner init's host pid and exits. The init (pid 1 in the job)
+//! reports the inner init's host pid and exits. Started ahead of its job
+//! (`KRG_INIT_POOLED`, see `pooled.rs`), it first waits on fd 0 for its
+//! arguments, environment and descriptors. The init (pid 1 in the job)
 //! mounts a fresh /proc, forks the command as the user, forwards signals,
 //! reaps, and reports how the command ended.
 
 #[path = "krg_init/args.rs"]
 mod args;
+#[path = "krg_init/pooled.rs"]
+mod pooled;
 #[path = "krg_init/reaper.rs"]
 mod reaper;
 #[path = "krg_init/spawn.rs"]
@@ -36,7 +40,18 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_SETUP: i32 = 1;
 
 fn main() {
-    let words: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut words: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if std::env::var_os(krg_types::handoff::POOLED_ENV).is_some() {
+        // Started ahead of our job: it comes now, or krgd has gone.
+        words = match pooled::await_job() {
+            Ok(Some(words)) => words,
+            Ok(None) => exit(0),
+            Err(err) => {
+                eprintln!("krg-init: {err}");
+                exit(EXIT_SETUP);
+            }
+        };
+    }
     if words.first().is_some_and(|w| w == "--attach-view") {
         exit(attach_view(&words[1..]));
     }

@@ -315,8 +315,8 @@ pub async fn deputy(req: RunRequest, no_stdin: bool) -> anyhow::Result<Outcome> 
     let detach = req.detach;
     let distant = req.distant;
     let signals = catch_signals();
-    let mut client = Client::connect(&socket_path()).await?;
-    client.conn.send(&ClientRequest::Run(Box::new(req))).await?;
+    let mut client =
+        Client::connect_with(&socket_path(), &ClientRequest::Run(Box::new(req))).await?;
     let first: FromBody = client
         .conn
         .recv()

@@ -360,11 +360,37 @@ async fn spawn_init(
             (status_w.as_raw_fd(), 3),
         ],
     };
-    let pid = spawn
-        .start_isolated(&join)
-        .map_err(|e| internal(me, "cannot run krg-init", e))?;
+    let pid =
+        start_init(node, &spawn, &join).map_err(|e| internal(me, "cannot run krg-init", e))?;
     drop((child_in, child_out, child_err, status_w));
     Ok((io, status, pid))
+}
+
+/// Hands the job to the krg-init waiting for one, or starts one now
+/// (`init_pool`; the next one is made when a job ends, not here, where it
+/// would compete for the CPU with the job starting).
+fn start_init(
+    node: &Node,
+    spawn: &super::spawn::Spawn,
+    join: &[std::ffi::CString],
+) -> std::io::Result<i32> {
+    if let Some(waiting) = node.init_pool.take() {
+        let handoff = krg_types::handoff::Handoff {
+            args: spawn.args.clone(),
+            env: spawn.env.clone(),
+        };
+        let theirs = |fd: usize| spawn.fds.iter().find(|f| f.1 as usize == fd).map(|f| f.0);
+        let fds: Option<Vec<i32>> = (0..krg_types::handoff::FDS).map(theirs).collect();
+        if let Some(Ok(fds)) = fds.map(<[i32; krg_types::handoff::FDS]>::try_from) {
+            match waiting.hand_over(join, &handoff, fds) {
+                Ok(pid) => return Ok(pid),
+                Err(e) => tracing::warn!(
+                    "a krg-init started ahead did not take its job, starting one now: {e}"
+                ),
+            }
+        }
+    }
+    spawn.start_isolated(join)
 }
 
 /// A process environment as `KEY=value` entries, in order, each key once.
@@ -517,6 +543,7 @@ pub async fn supervise(
 
 /// This node is done with the body: its record and its cgroup go.
 async fn forget(node: &Arc<Node>, ctl: &Arc<BodyCtl>) {
+    node.init_pool.refill();
     node.jobs.bodies_remove(ctl.gpid);
     node.view_cache.set_caps(ctl.gpid, None);
     let ctl = ctl.clone();

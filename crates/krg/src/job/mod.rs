@@ -13,6 +13,7 @@ pub mod deputy_link;
 pub mod fdio;
 pub mod gpid;
 pub mod home;
+pub mod init_pool;
 pub mod link;
 pub mod migrate;
 pub mod ops;
