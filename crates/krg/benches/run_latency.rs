@@ -290,11 +290,14 @@ fn main() {
         variants.push(("ssh ControlMaster", &ssh));
     }
     latencies(&variants);
-    drop(baseline);
     if std::env::var("KRG_BENCH_ONLY").as_deref() == Ok("latency") {
         return;
     }
     burst("krg run --node 2", &krg_on("2", &["true"]));
+    if baseline.is_some() {
+        burst("baseline: krg run --node 2", &base_2);
+    }
+    drop(baseline);
     if let Some(s) = &sshd {
         burst("ssh ControlMaster", &|| ssh_cmd(&lab, s, "true"));
     }

@@ -304,7 +304,8 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     // Jobs' mount namespaces copy the node's, view included: the first
     // waiting init is made once it is mounted.
     node.init_pool.refill();
-    tokio::task::spawn_blocking(|| {
+    let criu = node.criu.binary().to_path_buf();
+    tokio::task::spawn_blocking(move || {
         // CRIU's lazy page server needs bigger pipes than the default.
         match crate::features::ensure_pipe_max_size() {
             Ok(what) => tracing::info!(?what, "fs.pipe-max-size"),
@@ -315,6 +316,14 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         let f = crate::features::get();
         for line in f.render_text().lines() {
             tracing::info!("feature: {line}");
+        }
+        if f.criu.ok {
+            match crate::criu::kdat::prime(&criu) {
+                Ok(primed) => tracing::info!(?primed, "CRIU's cache of kernel probes"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prime CRIU's cache of kernel probes: each CRIU start probes the kernel again (about 15 ms)")
+                }
+            }
         }
     });
     if config.metrics != "none" {

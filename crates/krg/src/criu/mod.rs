@@ -33,6 +33,7 @@
 
 pub mod dump;
 pub mod fake;
+pub mod kdat;
 pub mod lazy;
 pub mod log;
 pub mod restore;
