@@ -1333,3 +1333,46 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Goal: CRIU skips its kernel probes (15 ms of every dump, restore and
+/// lazy-pages start here) once krgd has primed its cache, also where /run
+/// is not a tmpfs and CRIU would never write that cache itself (this
+/// machine). Method: remove the cache, prime it as krgd does at start (a
+/// second time finds it fresh), dump a job, and read in the dump's log that
+/// CRIU loaded it.
+#[test]
+fn a_dump_uses_the_primed_kernel_cache() {
+    let Some(_lab) = lab("a_dump_uses_the_primed_kernel_cache") else {
+        return;
+    };
+    let criu = CriuRpc::new();
+    let run_is_tmpfs = nix::sys::statfs::statfs("/run")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if !run_is_tmpfs {
+        // Only krgd's priming can bring it back.
+        let _ = fs::remove_file("/run/criu.kdat");
+    }
+    let primed = krg::criu::kdat::prime(criu.binary()).expect("primes the cache");
+    if !run_is_tmpfs {
+        assert_eq!(primed, krg::criu::kdat::Primed::Written);
+    }
+    let again = krg::criu::kdat::prime(criu.binary()).expect("primes the cache");
+    assert!(
+        again != krg::criu::kdat::Primed::Written,
+        "{primed:?} then {again:?}: a fresh cache is written again"
+    );
+    let dir = TempDir::new("kdat");
+    let mut job = Job::start(Stdio3::Pipes, 0, 0, false);
+    job.wait_output("count 5\n", 0);
+    let mut req = DumpRequest::new(job.pid(), dir.join("images"));
+    req.after = AfterDump::Run;
+    let dump = criu
+        .dump(&req)
+        .unwrap_or_else(|err| dump_failed(&err, &job));
+    let log = fs::read_to_string(&dump.log).expect("the dump's log");
+    assert!(
+        log.contains("Loaded kdat cache"),
+        "CRIU probed the kernel again: {}",
+        log.lines().take(8).collect::<Vec<_>>().join(" | ")
+    );
+}
