@@ -1362,7 +1362,7 @@ fn a_dump_uses_the_primed_kernel_cache() {
         "{primed:?} then {again:?}: a fresh cache is written again"
     );
     let dir = TempDir::new("kdat");
-    let mut job = Job::start(Stdio3::Pipes, 0, 0, false);
+    let job = Job::start(Stdio3::Pipes, 0, 0, false);
     job.wait_output("count 5\n", 0);
     let mut req = DumpRequest::new(job.pid(), dir.join("images"));
     req.after = AfterDump::Run;
