@@ -1352,10 +1352,12 @@ fn a_dump_uses_the_primed_kernel_cache() {
         // Only krgd's priming can bring it back.
         let _ = fs::remove_file("/run/criu.kdat");
     }
+    // `Fresh` if a lab's krgd, starting meanwhile, primed it first.
     let primed = krg::criu::kdat::prime(criu.binary()).expect("primes the cache");
-    if !run_is_tmpfs {
-        assert_eq!(primed, krg::criu::kdat::Primed::Written);
-    }
+    assert!(
+        run_is_tmpfs || primed != krg::criu::kdat::Primed::NotNeeded,
+        "{primed:?} with /run not a tmpfs"
+    );
     let again = krg::criu::kdat::prime(criu.binary()).expect("primes the cache");
     assert!(
         again != krg::criu::kdat::Primed::Written,
