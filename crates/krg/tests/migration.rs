@@ -760,6 +760,14 @@ fn lab_migration_refused_tcp_and_dead_target() {
     wait_all_up(&lab);
     step("node 2 killed while it restores a 200 MiB job");
     move_to_dying_node(&lab, &memory, KillWhen::Restoring);
+    lab.start(2).expect("node 2 restarts");
+    wait_all_up(&lab);
+    // A lazy move whose target dies before it says the job runs there:
+    // the job's own tasks, stopped but whole, go on (the source once
+    // restored it from its own page server instead, which the target's
+    // death may already have ended: it hung in CI).
+    step("node 2 killed while it restores a 200 MiB job moved lazily");
+    move_to_dying_node_in(&lab, &memory, KillWhen::Restoring, "lazy");
 }
 
 /// When `move_to_dying_node` kills the target.
@@ -776,13 +784,17 @@ enum KillWhen {
 /// saying the job goes on on node 1, and it must (new timestamps, `krg ps`),
 /// until `krg kill` ends it with 143.
 fn move_to_dying_node(lab: &Lab, memory: &str, when: KillWhen) {
+    move_to_dying_node_in(lab, memory, when, "stop");
+}
+
+fn move_to_dying_node_in(lab: &Lab, memory: &str, when: KillWhen, mode: &str) {
     let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 200");
     let mut job = krg_run(lab, 1, &["sh", "-c", &script], false);
     let gpid = job.gpid();
     job.expect_line(|l| l.starts_with("ready"), "ready");
     job.expect_line(|l| l.starts_with("t "), "a timestamp");
     let mover = {
-        let command = krg_cmd(lab, 1, &["migrate", &gpid, "2", "--mode", "stop"]);
+        let command = krg_cmd(lab, 1, &["migrate", &gpid, "2", "--mode", mode]);
         thread::spawn(move || output(command, MOVE_TIMEOUT))
     };
     let started = Instant::now();

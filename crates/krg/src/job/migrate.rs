@@ -463,7 +463,7 @@ async fn migrate(
                 }
                 _ => {
                     let why = "the page server did not start".to_string();
-                    fail_here(node, ctl, pumps, status, tx, taken, &dir, &keys, None, why).await
+                    fail_here(node, ctl, pumps, status, tx, taken, &dir, &keys, why).await
                 }
             };
         }
@@ -519,27 +519,24 @@ async fn migrate(
                     signal_pids(&originals, libc::SIGKILL);
                     let _ = ctl.cgroup.set_frozen(false);
                 } else {
-                    signal_pids(&originals, libc::SIGCONT);
-                    let kill = PeerRequest::SignalJob {
-                        gpid,
-                        signal: libc::SIGKILL,
-                        uid: 0,
+                    let why = format!("node {target} failed while its memory moved");
+                    let lazy = LazyLeft {
+                        port: None,
+                        dump: None,
+                        originals,
                     };
-                    let _ = node
-                        .peers
-                        .call(target, &target_addr, kill, Duration::from_secs(5))
-                        .await;
-                    count_failure(node);
-                    taken.give_back(ctl, pumps, tx);
-                    let _ = tx.send(FromBody::Resumed).await;
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return (
-                        Err(internal(format!(
-                            "cannot migrate job {gpid}: node {target} failed while its memory moved; the job goes on on node {}",
-                            node.id
-                        ))),
-                        After::Stay,
-                    );
+                    return resume_originals(
+                        node,
+                        ctl,
+                        pumps,
+                        tx,
+                        taken,
+                        &dir,
+                        (target, &target_addr),
+                        lazy,
+                        why,
+                    )
+                    .await;
                 }
             }
             let bytes = image::dir_bytes(&dir) + if port.is_some() { rss } else { 0 };
@@ -569,7 +566,27 @@ async fn migrate(
                 Err(e) => e.to_string(),
                 Ok(_) => "unexpected answer".into(),
             };
-            let lazy = port.map(|p| (("127.0.0.1".to_string(), p), dump.take(), originals));
+            if port.is_some() {
+                // A lazy dump never kills the job: its tasks are here,
+                // whole, whatever became of the target.
+                let lazy = LazyLeft {
+                    port,
+                    dump: dump.take(),
+                    originals,
+                };
+                return resume_originals(
+                    node,
+                    ctl,
+                    pumps,
+                    tx,
+                    taken,
+                    &dir,
+                    (target, &target_addr),
+                    lazy,
+                    why,
+                )
+                .await;
+            }
             fail_here(
                 node,
                 ctl,
@@ -579,7 +596,6 @@ async fn migrate(
                 taken,
                 &dir,
                 &pumps_keys(ctl),
-                lazy,
                 why,
             )
             .await
@@ -636,12 +652,68 @@ async fn stay_here(
 /// has been pulled).
 type DumpTask = tokio::task::JoinHandle<Result<crate::criu::DumpOutcome, crate::criu::CriuError>>;
 
-/// A lazy move's source side: our page server's address, the dump serving
-/// it, and the job's tasks that dump left stopped.
-type LazySource = ((String, u16), Option<DumpTask>, Vec<i32>);
+/// What a lazy move leaves on the source: the port of our page server
+/// while the dump serves, the dump, and the job's tasks it keeps stopped.
+struct LazyLeft {
+    port: Option<u16>,
+    dump: Option<DumpTask>,
+    originals: Vec<i32>,
+}
 
-/// The target failed after the dump: bring the job back here from the same
-/// images (and, after a lazy dump, from our own page server).
+/// How long the end of a lazy dump is waited for once its target failed.
+const LAZY_END_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A lazy move failed: the job's own tasks, stopped but whole, go on here.
+/// The target's copy, if it started, is killed first; a page server still
+/// waiting for its client is given one that leaves at once, so that the
+/// dump ends and lets the tasks go (CRIU leaves them stopped).
+#[allow(clippy::too_many_arguments)]
+async fn resume_originals(
+    node: &Arc<Node>,
+    ctl: &Arc<BodyCtl>,
+    pumps: &mut Pumps,
+    tx: &mpsc::Sender<FromBody>,
+    taken: Taken,
+    dir: &std::path::Path,
+    (target, target_addr): (NodeId, &str),
+    lazy: LazyLeft,
+    why: String,
+) -> (Result<MigrationReport, RemoteError>, After) {
+    let gpid = ctl.gpid;
+    tracing::warn!(gpid = %gpid, reason = %why, "lazy migration failed; the job goes on here");
+    let kill = PeerRequest::SignalJob {
+        gpid,
+        signal: libc::SIGKILL,
+        uid: 0,
+    };
+    let _ = node
+        .peers
+        .call(target, target_addr, kill, Duration::from_secs(5))
+        .await;
+    if let Some(d) = lazy.dump {
+        if let Some(port) = lazy.port {
+            let _ = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        }
+        if tokio::time::timeout(LAZY_END_TIMEOUT, d).await.is_err() {
+            tracing::error!(gpid = %gpid, "the lazy dump did not end; the job's tasks stay stopped");
+        }
+    }
+    signal_pids(&lazy.originals, libc::SIGCONT);
+    count_failure(node);
+    taken.give_back(ctl, pumps, tx);
+    let _ = tx.send(FromBody::Resumed).await;
+    let _ = std::fs::remove_dir_all(dir);
+    (
+        Err(internal(format!(
+            "cannot migrate job {gpid}: {why}; the job goes on on node {}",
+            node.id
+        ))),
+        After::Stay,
+    )
+}
+
+/// The target failed after a dump that killed the job: bring it back here
+/// from the same images.
 #[allow(clippy::too_many_arguments)]
 async fn fail_here(
     node: &Arc<Node>,
@@ -652,7 +724,6 @@ async fn fail_here(
     taken: Taken,
     dir: &std::path::Path,
     keys: &StreamKeys,
-    lazy: Option<LazySource>,
     why: String,
 ) -> (Result<MigrationReport, RemoteError>, After) {
     let gpid = ctl.gpid;
@@ -663,7 +734,7 @@ async fn fail_here(
         images_dir: dir.to_string_lossy().into_owned(),
         keys: *keys,
         carry: taken.carry.clone(),
-        lazy: lazy.as_ref().map(|(l, _, _)| l.clone()),
+        lazy: None,
         cpu_ns: taken.cpu_ns,
     };
     node.jobs.bodies_remove(gpid);
@@ -673,12 +744,6 @@ async fn fail_here(
         Ok(_) => {
             // The restored body is a new body here, waiting for its deputy.
             let _ = tx.send(FromBody::Moved { node: node.id }).await;
-            if let Some((_, Some(d), originals)) = lazy {
-                let _ = d.await;
-                // The lazy dump left the job's first tasks stopped.
-                signal_pids(&originals, libc::SIGKILL);
-                let _ = ctl.cgroup.set_frozen(false);
-            }
             (
                 Err(internal(format!(
                     "cannot migrate job {gpid}: {why}; the job goes on on node {}",
