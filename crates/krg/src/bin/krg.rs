@@ -1,7 +1,5 @@
 //! krg: the command-line tool.
 
-use clap::Parser;
-
 fn main() {
     // Like other command-line tools, end quietly when the reader of our
     // output goes away (`krg nodes | head`).
@@ -20,7 +18,7 @@ fn main() {
         argv[0] = "krg".into();
         argv.insert(1, "rsh".into());
     }
-    let cli = krg::cli::Cli::parse_from(argv);
+    let cli = krg::cli::Cli::parse_argv(argv);
     match krg::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -79,6 +79,35 @@ pub enum Command {
     Lab(crate::lab::cli::LabCommand),
 }
 
+/// `krg run` on its own. clap builds the whole command tree for any
+/// parse; `krg run` is the command started most often, by scripts and by
+/// distant exec at every exec of a job's children, so it parses its own
+/// arguments only.
+#[derive(Parser)]
+#[command(
+    name = "krg-run",
+    bin_name = "krg run",
+    version,
+    about = "Run a program on the cluster, with its stdio, signals and exit status as if local."
+)]
+struct RunOnly {
+    #[command(flatten)]
+    args: run::RunArgs,
+}
+
+impl Cli {
+    /// The command line `argv` (with the program's name first).
+    pub fn parse_argv(argv: Vec<std::ffi::OsString>) -> Cli {
+        if argv.get(1).is_some_and(|a| a == "run") {
+            let only = RunOnly::parse_from(argv.into_iter().skip(1));
+            return Cli {
+                command: Command::Run(only.args),
+            };
+        }
+        Cli::parse_from(argv)
+    }
+}
+
 /// Runs the command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
@@ -112,4 +141,67 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("a current-thread runtime can always be built")
         .block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &[&str]) -> Vec<std::ffi::OsString> {
+        line.iter().map(Into::into).collect()
+    }
+
+    /// `krg run`'s own parser reads every command line as the whole
+    /// command tree does.
+    #[test]
+    fn run_alone_parses_as_the_whole_tree() {
+        let lines: [&[&str]; 4] = [
+            &["krg", "run", "true"],
+            &[
+                "krg", "run", "--node", "2", "-T", "--", "sh", "-c", "echo $0", "-x",
+            ],
+            &[
+                "krg",
+                "run",
+                "-d",
+                "--cap",
+                "+DISTANT_FORK",
+                "--cap",
+                "-CAN_MIGRATE",
+                "make",
+                "-j4",
+            ],
+            &[
+                "krg",
+                "run",
+                "--no-stdin",
+                "--local-view",
+                "--no-migrate",
+                "-t",
+                "ls",
+                "-l",
+            ],
+        ];
+        for line in lines {
+            let whole = match Cli::parse_from(words(line)).command {
+                Command::Run(a) => format!("{a:?}"),
+                _ => panic!("not run: {line:?}"),
+            };
+            let alone = match Cli::parse_argv(words(line)).command {
+                Command::Run(a) => format!("{a:?}"),
+                _ => panic!("not run: {line:?}"),
+            };
+            assert_eq!(alone, whole, "{line:?}");
+        }
+        let bad = ["krg", "run", "--node", "not-a-node", "true"];
+        let alone = RunOnly::try_parse_from(words(&bad[1..]))
+            .err()
+            .expect("a bad node is refused")
+            .to_string();
+        let whole = Cli::try_parse_from(words(&bad))
+            .err()
+            .expect("a bad node is refused")
+            .to_string();
+        assert_eq!(alone, whole);
+    }
 }
