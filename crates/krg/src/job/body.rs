@@ -346,6 +346,13 @@ async fn spawn_init(
         .iter()
         .filter_map(|d| std::ffi::CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).ok())
         .collect();
+    // The init's fds 0 to 3, in order.
+    let job_fds = [
+        child_in.as_raw_fd(),
+        child_out.as_raw_fd(),
+        child_err.as_raw_fd(),
+        status_w.as_raw_fd(),
+    ];
     let spawn = super::spawn::Spawn {
         program: node.init_path.as_os_str(),
         args: init_args(spec, view.as_deref())
@@ -353,25 +360,25 @@ async fn spawn_init(
             .map(|a| AsRef::<OsStr>::as_ref(a).as_bytes().to_vec())
             .collect(),
         env: env.into_entries(),
-        fds: vec![
-            (child_in.as_raw_fd(), 0),
-            (child_out.as_raw_fd(), 1),
-            (child_err.as_raw_fd(), 2),
-            (status_w.as_raw_fd(), 3),
-        ],
+        fds: (0..)
+            .zip(job_fds)
+            .map(|(theirs, ours)| (ours, theirs))
+            .collect(),
     };
-    let pid =
-        start_init(node, &spawn, &join).map_err(|e| internal(me, "cannot run krg-init", e))?;
+    let pid = start_init(node, &spawn, job_fds, &join)
+        .map_err(|e| internal(me, "cannot run krg-init", e))?;
     drop((child_in, child_out, child_err, status_w));
     Ok((io, status, pid))
 }
 
 /// Hands the job to the krg-init waiting for one, or starts one now
 /// (`init_pool`; the next one is made when a job ends, not here, where it
-/// would compete for the CPU with the job starting).
+/// would compete for the CPU with the job starting). `job_fds` are the
+/// init's fds 0 to 3, as `spawn.fds` places them.
 fn start_init(
     node: &Node,
     spawn: &super::spawn::Spawn,
+    job_fds: [i32; krg_types::handoff::FDS],
     join: &[std::ffi::CString],
 ) -> std::io::Result<i32> {
     if let Some(waiting) = node.init_pool.take() {
@@ -379,15 +386,11 @@ fn start_init(
             args: spawn.args.clone(),
             env: spawn.env.clone(),
         };
-        let theirs = |fd: usize| spawn.fds.iter().find(|f| f.1 as usize == fd).map(|f| f.0);
-        let fds: Option<Vec<i32>> = (0..krg_types::handoff::FDS).map(theirs).collect();
-        if let Some(Ok(fds)) = fds.map(<[i32; krg_types::handoff::FDS]>::try_from) {
-            match waiting.hand_over(join, &handoff, fds) {
-                Ok(pid) => return Ok(pid),
-                Err(e) => tracing::warn!(
-                    "a krg-init started ahead did not take its job, starting one now: {e}"
-                ),
-            }
+        match waiting.hand_over(join, &handoff, job_fds) {
+            Ok(pid) => return Ok(pid),
+            Err(e) => tracing::warn!(
+                "a krg-init started ahead did not take its job, starting one now: {e}"
+            ),
         }
     }
     spawn.start_isolated(join)

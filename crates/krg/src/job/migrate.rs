@@ -503,7 +503,7 @@ async fn migrate(
         restored_ms = frozen_at.elapsed().as_millis(),
         "migration: frozen job dumped, then restored on the target"
     );
-    match asked {
+    let (why, lazy_dump) = match asked {
         Ok(PeerResponse::Restored(_)) => {
             let freeze_ms = frozen_at.elapsed().as_millis() as u64;
             // Post-copy: the job runs on the target but part of its memory
@@ -511,96 +511,74 @@ async fn migrate(
             // if the transfer breaks, CRIU resumes the job here, the
             // target's copy is killed before its output reached anyone,
             // and the job goes on here: never lost, never twice.
-            if let Some(d) = dump.take() {
-                let transferred = matches!(d.await, Ok(Ok(_)))
-                    && confirm_moved(node, target, &target_addr, gpid).await;
-                if transferred {
+            let failed = match dump.take() {
+                None => false,
+                Some(d) => {
+                    !(matches!(d.await, Ok(Ok(_)))
+                        && confirm_moved(node, target, &target_addr, gpid).await)
+                }
+            };
+            if !failed {
+                if port.is_some() {
                     // SIGKILL waits for the thaw to be delivered.
                     signal_pids(&originals, libc::SIGKILL);
                     let _ = ctl.cgroup.set_frozen(false);
-                } else {
-                    let why = format!("node {target} failed while its memory moved");
-                    let lazy = LazyLeft {
-                        port: None,
-                        dump: None,
-                        originals,
-                    };
-                    return resume_originals(
-                        node,
-                        ctl,
-                        pumps,
-                        tx,
-                        taken,
-                        &dir,
-                        (target, &target_addr),
-                        lazy,
-                        why,
-                    )
-                    .await;
                 }
-            }
-            let bytes = image::dir_bytes(&dir) + if port.is_some() { rss } else { 0 };
-            let _ = tx.send(FromBody::Moved { node: target }).await;
-            let report = MigrationReport {
-                gpid,
-                source: node.id,
-                target,
-                mode,
-                freeze_ms,
-                bytes,
-                total_ms: started.elapsed().as_millis() as u64,
-            };
-            record(node, &report);
-            // A lazy dump returns once the target has every page; then, or
-            // at once after a plain dump, the images are no longer needed.
-            tokio::spawn(async move {
-                if let Some(d) = dump {
-                    let _ = d.await;
-                }
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
-            });
-            (Ok(report), After::Gone)
-        }
-        other => {
-            let why = match other {
-                Err(e) => e.to_string(),
-                Ok(_) => "unexpected answer".into(),
-            };
-            if port.is_some() {
-                // A lazy dump never kills the job: its tasks are here,
-                // whole, whatever became of the target.
-                let lazy = LazyLeft {
-                    port,
-                    dump: dump.take(),
-                    originals,
+                let bytes = image::dir_bytes(&dir) + if port.is_some() { rss } else { 0 };
+                let _ = tx.send(FromBody::Moved { node: target }).await;
+                let report = MigrationReport {
+                    gpid,
+                    source: node.id,
+                    target,
+                    mode,
+                    freeze_ms,
+                    bytes,
+                    total_ms: started.elapsed().as_millis() as u64,
                 };
-                return resume_originals(
-                    node,
-                    ctl,
-                    pumps,
-                    tx,
-                    taken,
-                    &dir,
-                    (target, &target_addr),
-                    lazy,
-                    why,
-                )
-                .await;
+                record(node, &report);
+                // The images are no longer needed (a lazy dump has ended:
+                // the target has every page).
+                tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir));
+                return (Ok(report), After::Gone);
             }
-            fail_here(
-                node,
-                ctl,
-                pumps,
-                status,
-                tx,
-                taken,
-                &dir,
-                &pumps_keys(ctl),
-                why,
-            )
-            .await
+            (format!("node {target} failed while its memory moved"), None)
         }
-    }
+        Ok(_) => ("unexpected answer".to_string(), dump.take()),
+        Err(e) => (e.to_string(), dump.take()),
+    };
+    let Some(port) = port else {
+        return fail_here(
+            node,
+            ctl,
+            pumps,
+            status,
+            tx,
+            taken,
+            &dir,
+            &pumps_keys(ctl),
+            why,
+        )
+        .await;
+    };
+    // A lazy dump never kills the job: its tasks are here, whole, whatever
+    // became of the target.
+    let lazy = LazyLeft {
+        port,
+        dump: lazy_dump,
+        originals,
+    };
+    resume_originals(
+        node,
+        ctl,
+        pumps,
+        tx,
+        taken,
+        &dir,
+        (target, &target_addr),
+        lazy,
+        why,
+    )
+    .await
 }
 
 /// One more failed migration in this node's metrics.
@@ -655,7 +633,7 @@ type DumpTask = tokio::task::JoinHandle<Result<crate::criu::DumpOutcome, crate::
 /// What a lazy move leaves on the source: the port of our page server
 /// while the dump serves, the dump, and the job's tasks it keeps stopped.
 struct LazyLeft {
-    port: Option<u16>,
+    port: u16,
     dump: Option<DumpTask>,
     originals: Vec<i32>,
 }
@@ -691,9 +669,7 @@ async fn resume_originals(
         .call(target, target_addr, kill, Duration::from_secs(5))
         .await;
     if let Some(d) = lazy.dump {
-        if let Some(port) = lazy.port {
-            let _ = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
-        }
+        let _ = tokio::net::TcpStream::connect(("127.0.0.1", lazy.port)).await;
         if tokio::time::timeout(LAZY_END_TIMEOUT, d).await.is_err() {
             tracing::error!(gpid = %gpid, "the lazy dump did not end; the job's tasks stay stopped");
         }

@@ -26,14 +26,18 @@ pub async fn freeze(cgroup: &JobCgroup, view: Option<&Path>) -> Result<(), Strin
     let mut attempts = 0;
     loop {
         cgroup.set_frozen(true).map_err(|e| e.to_string())?;
-        let holder = view.and_then(|v| cgroup.pids().into_iter().find(|p| holds_file_under(*p, v)));
+        let Some(view) = view else { return Ok(()) };
+        let holder = cgroup
+            .pids()
+            .into_iter()
+            .find(|p| holds_file_under(*p, view));
         let Some(pid) = holder else { return Ok(()) };
         let _ = cgroup.set_frozen(false);
         attempts += 1;
         if attempts == ATTEMPTS {
             return Err(format!(
                 "its process {pid} keeps a file of the cluster view ({}) open, which CRIU cannot dump; close it and try again",
-                view.map(|v| v.display().to_string()).unwrap_or_default()
+                view.display()
             ));
         }
         tokio::time::sleep(RUN_BETWEEN).await;

@@ -48,14 +48,10 @@ pub fn await_job() -> Result<Option<Vec<OsString>>, String> {
         ));
     }
     let mut message = first[..got].to_vec();
-    while message.len() < 4 {
-        read_more(&mut ctl, &mut message)?;
-    }
+    fill(&mut ctl, &mut message, 4)?;
     let body = Handoff::body_len(message[..4].try_into().unwrap_or_default())
         .map_err(|e| e.to_string())?;
-    while message.len() < 4 + body {
-        read_more(&mut ctl, &mut message)?;
-    }
+    fill(&mut ctl, &mut message, 4 + body)?;
     let handoff = Handoff::decode(&message[4..4 + body]).map_err(|e| e.to_string())?;
     drop(ctl);
     place_stdio(&fds);
@@ -65,16 +61,15 @@ pub fn await_job() -> Result<Option<Vec<OsString>>, String> {
     ))
 }
 
-fn read_more(ctl: &mut UnixStream, message: &mut Vec<u8>) -> Result<(), String> {
-    let mut chunk = vec![0u8; 64 << 10];
-    match ctl.read(&mut chunk) {
-        Ok(0) => Err("the job's message is cut short".into()),
-        Ok(n) => {
-            message.extend_from_slice(&chunk[..n]);
-            Ok(())
-        }
-        Err(e) => Err(format!("cannot receive the job: {e}")),
+/// Reads what is missing of the first `len` bytes of the message.
+fn fill(ctl: &mut UnixStream, message: &mut Vec<u8>, len: usize) -> Result<(), String> {
+    let have = message.len();
+    if have >= len {
+        return Ok(());
     }
+    message.resize(len, 0);
+    ctl.read_exact(&mut message[have..])
+        .map_err(|e| format!("cannot receive the job: {e}"))
 }
 
 /// The job's descriptors become fds 0 to 3, in order (received, they took
