@@ -605,8 +605,8 @@ async fn confirm_moved(node: &Arc<Node>, target: NodeId, addr: &str, gpid: Gpid)
     }
 }
 
-/// The dump failed and left the job alive here: thaw it, give it its
-/// streams back and say why it did not move.
+/// The job is alive here after all (the dump failed, or a lazy move did):
+/// thaw it, give it its streams back and say why it did not move.
 async fn stay_here(
     node: &Arc<Node>,
     ctl: &Arc<BodyCtl>,
@@ -675,17 +675,8 @@ async fn resume_originals(
         }
     }
     signal_pids(&lazy.originals, libc::SIGCONT);
-    count_failure(node);
-    taken.give_back(ctl, pumps, tx);
-    let _ = tx.send(FromBody::Resumed).await;
-    let _ = std::fs::remove_dir_all(dir);
-    (
-        Err(internal(format!(
-            "cannot migrate job {gpid}: {why}; the job goes on on node {}",
-            node.id
-        ))),
-        After::Stay,
-    )
+    let why = format!("{why}; the job goes on on node {}", node.id);
+    stay_here(node, ctl, pumps, tx, taken, dir, why).await
 }
 
 /// The target failed after a dump that killed the job: bring it back here
