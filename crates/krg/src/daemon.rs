@@ -305,7 +305,17 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     // waiting init is made once it is mounted.
     node.init_pool.refill();
     let criu = node.criu.binary().to_path_buf();
+    let tune_cgroups = !config.no_cgroup_tuning;
     tokio::task::spawn_blocking(move || {
+        // Launches and restores move processes into cgroups.
+        if tune_cgroups {
+            match crate::job::cgroup_moves::ensure() {
+                Ok(what) => tracing::info!(%what, "cgroup moves"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set favordynmods on the cgroup v2 root: a launch after an idle moment waits for the kernel")
+                }
+            }
+        }
         // CRIU's lazy page server needs bigger pipes than the default.
         match crate::features::ensure_pipe_max_size() {
             Ok(what) => tracing::info!(?what, "fs.pipe-max-size"),

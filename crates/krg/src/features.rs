@@ -59,6 +59,11 @@ impl Feature {
         }
     }
 
+    /// For an item an older krgd does not report.
+    fn unknown() -> Self {
+        Feature::no("not reported by this node's krgd (an older version)")
+    }
+
     fn no(reason: impl Into<String>) -> Self {
         Feature {
             ok: false,
@@ -118,11 +123,14 @@ pub struct Features {
     pub pipe_max_size: Feature,
     /// This process has `CAP_SYS_RESOURCE` in its effective set.
     pub cap_sys_resource: Feature,
+    /// Moving a process into a cgroup does not wait for RCU (`favordynmods`).
+    #[serde(default = "Feature::unknown")]
+    pub cgroup_moves: Feature,
 }
 
 impl Features {
     /// Every item with its display name, in display order.
-    pub fn items(&self) -> [(&'static str, &Feature); 10] {
+    pub fn items(&self) -> [(&'static str, &Feature); 11] {
         [
             ("criu", &self.criu),
             ("criu-check", &self.criu_check),
@@ -132,6 +140,7 @@ impl Features {
             ("fuse", &self.fuse),
             ("cgroup", &self.cgroup),
             ("freezer", &self.freezer),
+            ("cgroup-moves", &self.cgroup_moves),
             ("pipe-max-size", &self.pipe_max_size),
             ("capabilities", &self.cap_sys_resource),
         ]
@@ -208,6 +217,10 @@ pub fn probe() -> Features {
         pipe_max_size_bytes,
         pipe_max_size,
         cap_sys_resource,
+        cgroup_moves: match crate::job::cgroup_moves::status() {
+            Ok(detail) => Feature::yes(detail),
+            Err(why) => Feature::no(why),
+        },
     }
 }
 

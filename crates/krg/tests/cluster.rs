@@ -252,6 +252,24 @@ fn lab_cluster_forms_restarts_refuses_corrupt_state_and_leaves_no_trace() {
         "lab node K is node id K"
     );
 
+    step("krgd made moves into cgroups fast (favordynmods on the cgroup v2 root)");
+    let doctor: Value =
+        serde_json::from_str(&krg(&lab, 1, &["doctor", "--json"])).expect("doctor --json");
+    assert_eq!(
+        doctor["cgroup_moves"]["ok"],
+        Value::Bool(true),
+        "krg doctor: {}",
+        doctor["cgroup_moves"]
+    );
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        mountinfo
+            .lines()
+            .filter(|l| l.contains(" - cgroup2 "))
+            .all(|l| l.contains("favordynmods")),
+        "every cgroup2 mount shows favordynmods:\n{mountinfo}"
+    );
+
     step("every node lists the 3 nodes up, with addresses and loads");
     wait_all_up(&lab, &[1, 2, 3], &id_set, LOAD_TIMEOUT);
     for k in 1..=3 {

@@ -131,6 +131,7 @@ fn default_advertise(advertise: Option<std::net::SocketAddr>) -> anyhow::Result<
         image_store: PathBuf::new(),
         sched_config: None,
         criu_log_level: 2,
+        no_cgroup_tuning: true,
     };
     Ok(crate::daemon::advertise_addr(&cfg)
         .context("cannot tell this node's address")?

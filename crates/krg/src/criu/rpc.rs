@@ -110,7 +110,9 @@ pub fn call(binary: &Path, req: &Criu_req, call: &Call<'_>) -> Result<Reply, Cri
             )));
         }
     }
+    let t0 = Instant::now();
     let mut swrk = Swrk::spawn(binary, call)?;
+    tracing::debug!(action = %call.action, us = t0.elapsed().as_micros(), "timing: criu swrk spawned");
     let sent = Instant::now();
     let deadline = sent + call.timeout;
     swrk.send(&bytes, call)?;

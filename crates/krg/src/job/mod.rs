@@ -9,6 +9,7 @@
 pub mod body;
 pub mod caps;
 pub mod cgroup;
+pub mod cgroup_moves;
 pub mod deputy_link;
 pub mod fdio;
 pub mod gpid;

@@ -47,6 +47,7 @@ async fn restore_here_inner(
     let started = Instant::now();
     let gpid = job.spec.gpid;
     let me = node.id;
+    tracing::debug!(gpid = %gpid, "timing: restore asked");
     if node.jobs.body(gpid).is_some() {
         return Err(refused(format!("job {gpid} already runs on node {me}")));
     }
@@ -56,6 +57,7 @@ async fn restore_here_inner(
                 "cannot restore job {gpid} on node {me}: its cgroup: {e}"
             ))
         })?;
+    tracing::debug!(gpid = %gpid, us = started.elapsed().as_micros(), "timing: restore cgroup made");
     let result = restore_into(node, &job, &cgroup).await;
     let (io, status, pid, lazy) = match result {
         Ok(v) => v,
@@ -178,6 +180,7 @@ async fn restore_into(
         req.lazy_pages = true;
     }
     let daemon_ms = started_at.elapsed().as_millis();
+    tracing::debug!(gpid = %gpid, us = started_at.elapsed().as_micros(), "timing: lazy-pages daemon ready");
     let outcome = tokio::task::spawn_blocking(move || criu.restore(&req))
         .await
         .map_err(|e| fail("criu", &e))?

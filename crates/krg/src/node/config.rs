@@ -48,7 +48,7 @@ pub struct NodeConfig {
     pub image_store: PathBuf,
     /// CRIU's log level for checkpoints and moves (0-4; 4 logs every page
     /// map and slows large dumps; 2 keeps errors and warnings).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
+    #[arg(long, env = "KRG_CRIU_LOG_LEVEL", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
     pub criu_log_level: u32,
     /// The scheduler's configuration (TOML), applied to the whole cluster at start.
     #[arg(long, value_name = "FILE")]
@@ -56,6 +56,11 @@ pub struct NodeConfig {
     /// Where `/metrics` (Prometheus) is served; `none` for nowhere.
     #[arg(long, default_value = "127.0.0.1:9470")]
     pub metrics: String,
+    /// Leave the cgroup v2 root's mount options alone: without
+    /// `favordynmods`, a launch after an idle moment waits 7-15 ms for the
+    /// kernel (see docs/performance.md).
+    #[arg(long)]
+    pub no_cgroup_tuning: bool,
     /// The krg-init binary (default: next to krgd, else on PATH).
     #[arg(long, env = "KRG_INIT")]
     pub init: Option<PathBuf>,
