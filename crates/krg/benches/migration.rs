@@ -17,6 +17,11 @@
 //! - `all_pages_ms`: until the source has sent its last page (lazy: when
 //!   its migration image directory is removed; stop: `wall_ms`).
 //!
+//! `KRG_BENCH_MIB=64,1024`, `KRG_BENCH_REWRITE=0`, `KRG_BENCH_MODES=lazy`
+//! pick the cases; `KRG_BENCH_ONLY=migrate` leaves out the checkpoints;
+//! `KRG_BENCH_BASELINE=DIR` also measures the `krgd` and `krg` of DIR (an
+//! older build) on a second lab, one move on each lab in turn.
+//!
 //! Then, per size, `krg checkpoint --leave-running --json` (wall clock, the
 //! JSON gives no time) against `cp -r` of the image it wrote into the same
 //! image store.
@@ -31,6 +36,32 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const KRG: &str = env!("CARGO_BIN_EXE_krg");
+
+/// A lab and the `krg` its commands run: this build, or an older one
+/// (`KRG_BENCH_BASELINE`) measured in the same turns.
+struct Cluster {
+    lab: Lab,
+    krg: PathBuf,
+    build: &'static str,
+}
+
+impl Cluster {
+    fn up(name: String, bin_dir: Option<&Path>, build: &'static str) -> Cluster {
+        let mut opts = LabOptions::new(name, 3);
+        let (krgd, krg) = match bin_dir {
+            Some(dir) => (dir.join("krgd"), dir.join("krg")),
+            None => (env!("CARGO_BIN_EXE_krgd").into(), PathBuf::from(KRG)),
+        };
+        opts.krgd = Some(krgd);
+        opts.krg = Some(krg.clone());
+        opts.krgd_args = vec!["--load-scope".into(), "cgroup".into()];
+        Cluster {
+            lab: Lab::up(opts).expect("lab up"),
+            krg,
+            build,
+        }
+    }
+}
 const PYTHON: &str = "/usr/bin/python3";
 const SIZES_MIB: [u64; 3] = [64, 256, 1024];
 const REWRITE_MIB_S: [u64; 2] = [0, 10];
@@ -80,14 +111,14 @@ fn bounded(mut command: Command, timeout: Duration) -> Output {
     }
 }
 
-fn krg(lab: &Lab, args: &[&str]) -> Output {
-    let mut command = lab.command(1, KRG).expect("node 1");
+fn krg(c: &Cluster, args: &[&str]) -> Output {
+    let mut command = c.lab.command(1, &c.krg).expect("node 1");
     command.args(args).current_dir("/tmp");
     bounded(command, COMMAND_TIMEOUT)
 }
 
-fn krg_ok(lab: &Lab, args: &[&str]) -> String {
-    let out = krg(lab, args);
+fn krg_ok(c: &Cluster, args: &[&str]) -> String {
+    let out = krg(c, args);
     assert!(
         out.status.success(),
         "krg {args:?}: {}; {}",
@@ -105,8 +136,8 @@ struct Job {
 }
 
 impl Job {
-    fn start(lab: &Lab, script: &str, mib: u64, rate: u64) -> Job {
-        let mut command = lab.command(1, KRG).expect("node 1");
+    fn start(c: &Cluster, script: &str, mib: u64, rate: u64) -> Job {
+        let mut command = c.lab.command(1, &c.krg).expect("node 1");
         command
             .args(["run", "-T", "--node", "1", "sh", "-c"])
             .arg(format!(
@@ -174,8 +205,8 @@ impl Job {
             .fold(0.0, f64::max)
     }
 
-    fn end(mut self, lab: &Lab) {
-        krg_ok(lab, &["kill", &self.gpid]);
+    fn end(mut self, c: &Cluster) {
+        krg_ok(c, &["kill", &self.gpid]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.child.try_wait().expect("try_wait").is_none() {
             assert!(
@@ -189,8 +220,8 @@ impl Job {
 
 /// Whether a lazy move of `gpid` still has pages to send (the source keeps
 /// `<store>/<home>-<seq>/migrate-<ms>` until then).
-fn pages_pending(lab: &Lab, gpid: &str) -> bool {
-    std::fs::read_dir(lab.images_dir().join(gpid.replace(':', "-")))
+fn pages_pending(c: &Cluster, gpid: &str) -> bool {
+    std::fs::read_dir(c.lab.images_dir().join(gpid.replace(':', "-")))
         .into_iter()
         .flatten()
         .flatten()
@@ -198,26 +229,26 @@ fn pages_pending(lab: &Lab, gpid: &str) -> bool {
 }
 
 /// One move of a fresh job; its figures, or the error `krg migrate` gave.
-fn migration(lab: &Lab, script: &str, mib: u64, rate: u64, mode: &str) -> Result<Value, String> {
-    let job = Job::start(lab, script, mib, rate);
+fn migration(c: &Cluster, script: &str, mib: u64, rate: u64, mode: &str) -> Result<Value, String> {
+    let job = Job::start(c, script, mib, rate);
     thread::sleep(SETTLE);
     let since = now_epoch_s() - 0.5;
     let started = Instant::now();
-    let out = krg(lab, &["migrate", &job.gpid, "2", "--mode", mode, "--json"]);
+    let out = krg(c, &["migrate", &job.gpid, "2", "--mode", mode, "--json"]);
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
     if !out.status.success() {
-        job.end(lab);
+        job.end(c);
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
     let report: Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
     let deadline = Instant::now() + PAGES_TIMEOUT;
-    while pages_pending(lab, &job.gpid) && Instant::now() < deadline {
+    while pages_pending(c, &job.gpid) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(5));
     }
     let all_pages_ms = started.elapsed().as_secs_f64() * 1000.0;
     thread::sleep(SETTLE);
     let freeze_ms_job = job.largest_gap_ms(since);
-    job.end(lab);
+    job.end(c);
     Ok(json!({
         "freeze_ms_krg": report["freeze_ms"].as_f64().unwrap_or(f64::NAN),
         "freeze_ms_job": freeze_ms_job,
@@ -239,39 +270,44 @@ fn round1(v: f64) -> f64 {
 
 /// `RUNS` moves of a fresh job; prints the medians (and each run's freeze
 /// as the job saw it).
-fn migrations(lab: &Lab, script: &str, mib: u64, rate: u64, mode: &str) {
-    let mut samples = Vec::new();
+fn migrations(clusters: &[Cluster], script: &str, mib: u64, rate: u64, mode: &str) {
+    let mut samples: Vec<Vec<Value>> = vec![Vec::new(); clusters.len()];
+    // In turns: one move on each cluster, then again.
     for _ in 0..RUNS {
-        match migration(lab, script, mib, rate, mode) {
-            Ok(sample) => samples.push(sample),
-            Err(error) => {
-                println!(
-                    "{}",
-                    json!({"bench": "migrate", "mib": mib, "rewrite_mib_s": rate, "mode": mode, "error": error})
-                );
-                return;
+        for (c, samples) in clusters.iter().zip(samples.iter_mut()) {
+            match migration(c, script, mib, rate, mode) {
+                Ok(sample) => samples.push(sample),
+                Err(error) => {
+                    println!(
+                        "{}",
+                        json!({"bench": "migrate", "build": c.build, "mib": mib, "rewrite_mib_s": rate, "mode": mode, "error": error})
+                    );
+                    return;
+                }
             }
         }
     }
-    let med = |key: &str| {
-        median(
-            samples
-                .iter()
-                .map(|s| s[key].as_f64().unwrap_or(f64::NAN))
-                .collect(),
-        )
-    };
-    let all_pages_ms = med("all_pages_ms");
-    let bytes = med("bytes");
-    println!(
-        "{}",
-        json!({"bench": "migrate", "mib": mib, "rewrite_mib_s": rate, "mode": mode, "runs": RUNS,
-            "freeze_ms_krg": med("freeze_ms_krg"), "freeze_ms_job": round1(med("freeze_ms_job")),
-            "freeze_ms_job_each": samples.iter().map(|s| round1(s["freeze_ms_job"].as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>(),
-            "total_ms_krg": med("total_ms_krg"), "wall_ms": med("wall_ms").round(),
-            "all_pages_ms": all_pages_ms.round(), "bytes": bytes,
-            "mb_per_s_all_pages": round1(bytes / 1e6 / (all_pages_ms / 1000.0))})
-    );
+    for (c, samples) in clusters.iter().zip(samples) {
+        let med = |key: &str| {
+            median(
+                samples
+                    .iter()
+                    .map(|s| s[key].as_f64().unwrap_or(f64::NAN))
+                    .collect(),
+            )
+        };
+        let all_pages_ms = med("all_pages_ms");
+        let bytes = med("bytes");
+        println!(
+            "{}",
+            json!({"bench": "migrate", "build": c.build, "mib": mib, "rewrite_mib_s": rate, "mode": mode, "runs": RUNS,
+                "freeze_ms_krg": med("freeze_ms_krg"), "freeze_ms_job": round1(med("freeze_ms_job")),
+                "freeze_ms_job_each": samples.iter().map(|s| round1(s["freeze_ms_job"].as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>(),
+                "total_ms_krg": med("total_ms_krg"), "wall_ms": med("wall_ms").round(),
+                "all_pages_ms": all_pages_ms.round(), "bytes": bytes,
+                "mb_per_s_all_pages": round1(bytes / 1e6 / (all_pages_ms / 1000.0))})
+        );
+    }
 }
 
 /// Write back every dirty page, so that each timed write starts from the
@@ -284,15 +320,15 @@ fn sync() {
 /// `RUNS` checkpoints of one job (`--leave-running`), each followed by a
 /// `cp -r` of the image it wrote to a sibling directory of the store; the
 /// medians.
-fn checkpoint(lab: &Lab, script: &str, mib: u64) {
-    let job = Job::start(lab, script, mib, 0);
+fn checkpoint(c: &Cluster, script: &str, mib: u64) {
+    let job = Job::start(c, script, mib, 0);
     thread::sleep(SETTLE);
     let (mut checkpoint_s, mut cp_s) = (Vec::new(), Vec::new());
     let (mut bytes, mut copied) = (0, 0);
     for _ in 0..RUNS {
         sync();
         let started = Instant::now();
-        let text = krg_ok(lab, &["checkpoint", &job.gpid, "--leave-running", "--json"]);
+        let text = krg_ok(c, &["checkpoint", &job.gpid, "--leave-running", "--json"]);
         checkpoint_s.push(started.elapsed().as_secs_f64());
         let record: Value = serde_json::from_str(&text).expect("checkpoint --json");
         bytes = record["bytes"].as_u64().expect("bytes");
@@ -315,14 +351,14 @@ fn checkpoint(lab: &Lab, script: &str, mib: u64) {
         let _ = std::fs::remove_dir_all(&image);
     }
     let gpid = job.gpid.clone();
-    job.end(lab);
-    krg_ok(lab, &["images", "rm", &gpid]);
+    job.end(c);
+    krg_ok(c, &["images", "rm", &gpid]);
     let (checkpoint_s, cp_s) = (median(checkpoint_s), median(cp_s));
     let checkpoint_mib_s = bytes as f64 / MIB / checkpoint_s;
     let cp_mib_s = copied as f64 / MIB / cp_s;
     println!(
         "{}",
-        json!({"bench": "checkpoint", "mib": mib, "runs": RUNS, "bytes": bytes,
+        json!({"bench": "checkpoint", "build": c.build, "mib": mib, "runs": RUNS, "bytes": bytes,
             "checkpoint_ms": (checkpoint_s * 1000.0).round(), "checkpoint_mib_s": round1(checkpoint_mib_s),
             "cp_bytes": copied, "cp_ms": (cp_s * 1000.0).round(), "cp_mib_s": round1(cp_mib_s),
             "checkpoint_speed_vs_cp": (checkpoint_mib_s / cp_mib_s * 100.0).round() / 100.0})
@@ -339,6 +375,21 @@ fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// A comma-separated list of numbers from the environment, else `default`.
+fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: {n:?} is not a number"))
+            })
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
 }
 
 fn main() {
@@ -360,29 +411,45 @@ fn main() {
     .expect("copies the workload");
     let script = script.to_str().expect("utf-8 path").to_string();
 
-    let mut opts = LabOptions::new(format!("mb{}", std::process::id() % 100_000), 3);
-    opts.krgd = Some(env!("CARGO_BIN_EXE_krgd").into());
-    opts.krg = Some(KRG.into());
-    opts.krgd_args = vec!["--load-scope".into(), "cgroup".into()];
-    let lab = Lab::up(opts).expect("lab up");
-    // The first job on a node starts slowly (its cluster view): not measured.
-    for node in ["1", "2", "3"] {
-        krg_ok(&lab, &["run", "--node", node, "true"]);
+    let id = std::process::id() % 100_000;
+    let mut clusters = vec![Cluster::up(format!("mb{id}"), None, "this")];
+    if let Some(dir) = std::env::var_os("KRG_BENCH_BASELINE") {
+        clusters.push(Cluster::up(
+            format!("mc{id}"),
+            Some(Path::new(&dir)),
+            "baseline",
+        ));
     }
-    // Nor are the first moves (CRIU's first runs, cold page cache).
-    for mode in MODES {
-        let _ = migration(&lab, &script, 16, 0, mode);
+    for c in &clusters {
+        // The first job on a node starts slowly (its cluster view): not measured.
+        for node in ["1", "2", "3"] {
+            krg_ok(c, &["run", "--node", node, "true"]);
+        }
+        // Nor are the first moves (CRIU's first runs, cold page cache).
+        for mode in MODES {
+            let _ = migration(c, &script, 16, 0, mode);
+        }
     }
-    for mib in SIZES_MIB {
-        for rate in REWRITE_MIB_S {
-            for mode in MODES {
-                migrations(&lab, &script, mib, rate, mode);
+    let sizes = env_list("KRG_BENCH_MIB", &SIZES_MIB);
+    let rates = env_list("KRG_BENCH_REWRITE", &REWRITE_MIB_S);
+    let modes: Vec<String> = std::env::var("KRG_BENCH_MODES").map_or_else(
+        |_| MODES.iter().map(|m| m.to_string()).collect(),
+        |v| v.split(',').map(str::to_owned).collect(),
+    );
+    for &mib in &sizes {
+        for &rate in &rates {
+            for mode in &modes {
+                migrations(&clusters, &script, mib, rate, mode);
             }
         }
     }
-    for mib in SIZES_MIB {
-        checkpoint(&lab, &script, mib);
+    if std::env::var("KRG_BENCH_ONLY").as_deref() != Ok("migrate") {
+        for &mib in &sizes {
+            for c in &clusters {
+                checkpoint(c, &script, mib);
+            }
+        }
     }
-    drop(lab);
+    drop(clusters);
     let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -49,6 +49,21 @@ const VIEW_SOURCE: &str = "krg-view";
 const GHOST_LIMIT_BYTES: u32 = 64 << 20;
 
 pub fn run(binary: &Path, req: &DumpRequest) -> Result<DumpOutcome, CriuError> {
+    run_on(binary, req, None)
+}
+
+/// Starts the `criu swrk` of a dump whose request is not known yet (see
+/// [`rpc::Started`]); a dump needs nothing of its process but the socket.
+pub fn start(binary: &Path) -> Result<rpc::Started, CriuError> {
+    rpc::start(binary, &Call::quick(Action::Dump))
+}
+
+/// Runs the dump on `ahead`, a `criu swrk` from [`start`], or on a new one.
+pub fn run_on(
+    binary: &Path,
+    req: &DumpRequest,
+    ahead: Option<rpc::Started>,
+) -> Result<DumpOutcome, CriuError> {
     if req.pid <= 1 {
         return Err(CriuError::Invalid(format!(
             "pid {} is not a job's init on this node",
@@ -88,7 +103,11 @@ pub fn run(binary: &Path, req: &DumpRequest) -> Result<DumpOutcome, CriuError> {
         notices: req.notices.as_ref(),
     };
     tracing::info!(pid = req.pid, images = %req.images_dir.display(), kind = ?req.kind, after = ?req.after, "criu dump");
-    let reply = rpc::call(binary, &msg, &call)?;
+    let started = match ahead {
+        Some(started) => started,
+        None => rpc::start(binary, &call)?,
+    };
+    let reply = rpc::call_on(started, &msg, &call)?;
     if !reply.resp.success() {
         let err = rpc::failure(&call, &reply.resp);
         return Err(match (req.kind, err) {

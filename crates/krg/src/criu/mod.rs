@@ -44,7 +44,7 @@ use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use krg_types::Gpid;
@@ -101,6 +101,32 @@ pub trait Criu: Send + Sync {
     /// Starts the target's `criu lazy-pages` daemon for a post-copy
     /// restore, and returns once it is ready for the restore.
     fn lazy_pages(&self, req: &LazyPagesRequest) -> Result<LazyPages, CriuError>;
+
+    /// [`Criu::dump`] of a request that comes later on `request`: CRIU is
+    /// started at once, so that its own start-up is not part of the job's
+    /// freeze. A closed channel calls the dump off.
+    fn dump_when_asked(&self, request: Receiver<DumpRequest>) -> Result<DumpOutcome, CriuError> {
+        let req = request.recv().map_err(|_| called_off(Action::Dump))?;
+        self.dump(&req)
+    }
+
+    /// [`Criu::restore`] with CRIU started at once and sent the request once
+    /// `go` brings `true` (a post-copy restore waits for its lazy-pages
+    /// daemon); anything else calls it off.
+    fn restore_when(
+        &self,
+        req: &RestoreRequest,
+        go: Receiver<bool>,
+    ) -> Result<RestoreOutcome, CriuError> {
+        if go.recv() != Ok(true) {
+            return Err(called_off(Action::Restore));
+        }
+        self.restore(req)
+    }
+}
+
+fn called_off(action: Action) -> CriuError {
+    CriuError::Invalid(format!("the {action} was called off before its request"))
 }
 
 /// CRIU's version, from its RPC.
@@ -549,6 +575,21 @@ impl Criu for CriuRpc {
 
     fn lazy_pages(&self, req: &LazyPagesRequest) -> Result<LazyPages, CriuError> {
         lazy::start(&self.binary, req)
+    }
+
+    fn dump_when_asked(&self, request: Receiver<DumpRequest>) -> Result<DumpOutcome, CriuError> {
+        // One that fails to start now fails again, with its error, below.
+        let ahead = dump::start(&self.binary).ok();
+        let req = request.recv().map_err(|_| called_off(Action::Dump))?;
+        dump::run_on(&self.binary, &req, ahead)
+    }
+
+    fn restore_when(
+        &self,
+        req: &RestoreRequest,
+        go: Receiver<bool>,
+    ) -> Result<RestoreOutcome, CriuError> {
+        restore::run_when(&self.binary, req, || go.recv() == Ok(true))
     }
 }
 

@@ -35,6 +35,18 @@ use super::rpc::{self, Call};
 use super::{stats, Action, CriuError, RestoreOutcome, RestoreRequest};
 
 pub fn run(binary: &Path, req: &RestoreRequest) -> Result<RestoreOutcome, CriuError> {
+    run_when(binary, req, || true)
+}
+
+/// Starts `criu swrk` for the restore at once but sends it the request
+/// only once `go` returns true (the lazy-pages daemon the restore connects
+/// to is ready): CRIU's start-up overlaps the daemon's. `go` returning
+/// false calls the restore off (and kills that `criu`).
+pub fn run_when(
+    binary: &Path,
+    req: &RestoreRequest,
+    go: impl FnOnce() -> bool,
+) -> Result<RestoreOutcome, CriuError> {
     let mut keys = std::collections::HashSet::new();
     for inherit in &req.inherit {
         if !keys.insert(inherit.key) {
@@ -72,7 +84,14 @@ pub fn run(binary: &Path, req: &RestoreRequest) -> Result<RestoreOutcome, CriuEr
         notices: req.notices.as_ref(),
     };
     tracing::info!(images = %req.images_dir.display(), lazy = req.lazy_pages, "criu restore");
-    let reply = rpc::call(binary, &msg, &call)?;
+    let started = rpc::start(binary, &call)?;
+    if !go() {
+        return Err(CriuError::Invalid(format!(
+            "the restore of {} was called off before it started",
+            call.target
+        )));
+    }
+    let reply = rpc::call_on(started, &msg, &call)?;
     if !reply.resp.success() {
         return Err(rpc::failure(&call, &reply.resp));
     }

@@ -392,6 +392,11 @@ async fn migrate(
         Ok(v) => v,
         Err(e) => return (Err(e), After::Stay),
     };
+    // CRIU starts while the job still runs; it gets its request once the
+    // job is frozen (or never, which calls it off).
+    let (dump_tx, dump_rx) = std::sync::mpsc::channel();
+    let criu = node.criu.clone();
+    let pending_dump = tokio::task::spawn_blocking(move || criu.dump_when_asked(dump_rx));
     if let Err(e) = hold_deputy(pumps, tx).await {
         let _ = tx.send(FromBody::Resumed).await;
         return (Err(e), After::Stay);
@@ -429,8 +434,10 @@ async fn migrate(
     };
     let originals = ctl.cgroup.pids();
     let rss = ctl.cgroup.rss_bytes();
-    let criu = node.criu.clone();
-    let mut dump = Some(tokio::task::spawn_blocking(move || criu.dump(&req)));
+    // Its receiver lives until the request comes: a send cannot fail
+    // unless that task died, which its join handle then tells.
+    let _ = dump_tx.send(req);
+    let mut dump = Some(pending_dump);
     if port.is_some() {
         // The target may start once the page server is up.
         let ready = tokio::task::spawn_blocking(move || {
@@ -799,6 +806,10 @@ async fn checkpoint(
         return (Err(e), After::Stay);
     }
     let kill = after == CheckpointAfter::Kill;
+    // As for a move: CRIU starts before the freeze.
+    let (dump_tx, dump_rx) = std::sync::mpsc::channel();
+    let criu = node.criu.clone();
+    let pending_dump = tokio::task::spawn_blocking(move || criu.dump_when_asked(dump_rx));
     if kill {
         if let Err(e) = hold_deputy(pumps, tx).await {
             let _ = tx.send(FromBody::Resumed).await;
@@ -827,9 +838,9 @@ async fn checkpoint(
         CheckpointAfter::Stop => AfterDump::Stop,
         CheckpointAfter::LeaveRunning => AfterDump::Run,
     };
-    let criu = node.criu.clone();
     let dump_started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || criu.dump(&req)).await;
+    let _ = dump_tx.send(req);
+    let result = pending_dump.await;
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     let dumped = match result {
         Ok(Ok(_)) => Ok(()),

@@ -165,23 +165,36 @@ async fn restore_into(
     req.inherit = inherit;
     req.join_cgroups = cgroup.dirs.clone();
     req.log_level = node.config.criu_log_level;
+    req.lazy_pages = job.lazy.is_some();
+    // CRIU starts at once and gets its request once the lazy-pages daemon
+    // it connects to is ready: the two start-ups overlap.
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let c = criu.clone();
+    let restore = tokio::task::spawn_blocking(move || c.restore_when(&req, go_rx));
     let mut daemon = None;
     if let Some((addr, port)) = &job.lazy {
         let mut lreq = LazyPagesRequest::new(images.clone(), addr.clone(), *port);
         lreq.gpid = Some(gpid);
         lreq.work_dir = Some(work.clone());
         lreq.log_level = node.config.criu_log_level;
-        let c = criu.clone();
-        let d = tokio::task::spawn_blocking(move || c.lazy_pages(&lreq))
+        let started = tokio::task::spawn_blocking(move || criu.lazy_pages(&lreq))
             .await
-            .map_err(|e| fail("the lazy-pages daemon", &e))?
-            .map_err(|e| fail("the lazy-pages daemon", &e))?;
-        daemon = Some(d);
-        req.lazy_pages = true;
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match started {
+            Ok(d) => daemon = Some(d),
+            Err(e) => {
+                // Called off: that CRIU is gone before the caller cleans up.
+                drop(go_tx);
+                let _ = restore.await;
+                return Err(fail("the lazy-pages daemon", &e));
+            }
+        }
     }
     let daemon_ms = started_at.elapsed().as_millis();
     tracing::debug!(gpid = %gpid, us = started_at.elapsed().as_micros(), "timing: lazy-pages daemon ready");
-    let outcome = tokio::task::spawn_blocking(move || criu.restore(&req))
+    let _ = go_tx.send(true);
+    let outcome = restore
         .await
         .map_err(|e| fail("criu", &e))?
         .map_err(|e| fail("criu", &e))?;
