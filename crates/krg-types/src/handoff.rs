@@ -12,6 +12,10 @@ use crate::limits::{ARGV_BYTES_MAX, ENV_BYTES_MAX, ENV_ENTRIES_MAX};
 /// Set in the environment of a krg-init started ahead of its job.
 pub const POOLED_ENV: &str = "KRG_INIT_POOLED";
 
+/// Set beside [`POOLED_ENV`] to the node's cluster view: the waiting init
+/// mounts its /proc and binds the view's files ahead of its job.
+pub const POOLED_VIEW_ENV: &str = "KRG_INIT_POOLED_VIEW";
+
 /// Descriptors sent with the message: the job's stdin, stdout, stderr and
 /// status pipe, which become the init's fds 0 to 3.
 pub const FDS: usize = 4;

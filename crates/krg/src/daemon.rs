@@ -301,6 +301,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         tokio::spawn(async move { apply_sched_file(&n, f).await });
     }
     let _view = mount_view(&node);
+    if let Some(dir) = node.view_dir.get() {
+        node.init_pool.set_view(dir.clone());
+    }
     // Jobs' mount namespaces copy the node's, view included: the first
     // waiting init is made once it is mounted.
     node.init_pool.refill();

@@ -41,8 +41,11 @@ const EXIT_SETUP: i32 = 1;
 
 fn main() {
     let mut words: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut ahead = pooled::Ahead::default();
     if std::env::var_os(krg_types::handoff::POOLED_ENV).is_some() {
-        // Started ahead of our job: it comes now, or krgd has gone.
+        // Started ahead of our job: mount what it will need, then it comes
+        // now, or krgd has gone.
+        ahead = pooled::mount_ahead(std::env::var_os(krg_types::handoff::POOLED_VIEW_ENV));
         words = match pooled::await_job() {
             Ok(Some(words)) => words,
             Ok(None) => exit(0),
@@ -74,7 +77,7 @@ fn main() {
     sanitize_fds();
     let status = Status::new(STATUS_FD);
     if inner {
-        exit(inner_init(&mut plan, &status, args.view.as_deref()));
+        exit(inner_init(&mut plan, &status, args.view.as_deref(), &ahead));
     }
     // Join the job's cgroups before forking, so that nothing of the job
     // ever runs outside them.
@@ -116,8 +119,14 @@ fn main() {
     }
 }
 
-/// pid 1 of the job. Returns the exit code.
-fn inner_init(plan: &mut spawn::Plan, status: &Status, view: Option<&std::ffi::OsStr>) -> i32 {
+/// pid 1 of the job. Returns the exit code. `ahead`: what a waiting init
+/// mounted before its job came.
+fn inner_init(
+    plan: &mut spawn::Plan,
+    status: &Status,
+    view: Option<&std::ffi::OsStr>,
+    ahead: &pooled::Ahead,
+) -> i32 {
     // The session first: until it leads its own, the job's session leader
     // is outside its pid namespace, and CRIU refuses to dump it.
     if let Err(err) = nix::unistd::setsid() {
@@ -137,23 +146,23 @@ fn inner_init(plan: &mut spawn::Plan, status: &Status, view: Option<&std::ffi::O
             "cannot make the job's mounts private",
         );
     }
-    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if let Err(err) = mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        proc_flags,
-        None::<&str>,
-    ) {
-        die(
-            status,
-            Step::Mount,
-            err as i32,
-            "cannot mount the job's /proc",
-        );
+    if !ahead.proc {
+        if let Err(err) = mount_proc() {
+            die(
+                status,
+                Step::Mount,
+                err as i32,
+                "cannot mount the job's /proc",
+            );
+        }
     }
-    if let Some(view) = view {
-        bind_view(std::path::Path::new(view));
+    if ahead.view.as_deref() != view {
+        if ahead.view.is_some() {
+            unbind_view();
+        }
+        if let Some(view) = view {
+            bind_view(std::path::Path::new(view));
+        }
     }
     let gate = gate(status);
     let pid = match spawn::fork_command(plan, status, gate) {
@@ -232,19 +241,33 @@ fn gate(status: &Status) -> (RawFd, RawFd) {
     }
 }
 
+/// A fresh /proc for the job's pid namespace.
+fn mount_proc() -> nix::Result<()> {
+    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        proc_flags,
+        None::<&str>,
+    )
+}
+
+/// The files of the cluster view, and what each is bound over.
+const VIEW_FILES: [(&str, &str); 6] = [
+    ("cpuinfo", "/proc/cpuinfo"),
+    ("meminfo", "/proc/meminfo"),
+    ("loadavg", "/proc/loadavg"),
+    ("stat", "/proc/stat"),
+    ("uptime", "/proc/uptime"),
+    ("cpu/online", "/sys/devices/system/cpu/online"),
+];
+
 /// The cluster view's files over the job's own (as LXCFS does for a
 /// container). A file the view does not serve is left as it is: the job
 /// then sees that part of the node, which is better than not running.
 fn bind_view(view: &std::path::Path) {
-    const FILES: [(&str, &str); 6] = [
-        ("cpuinfo", "/proc/cpuinfo"),
-        ("meminfo", "/proc/meminfo"),
-        ("loadavg", "/proc/loadavg"),
-        ("stat", "/proc/stat"),
-        ("uptime", "/proc/uptime"),
-        ("cpu/online", "/sys/devices/system/cpu/online"),
-    ];
-    for (name, target) in FILES {
+    for (name, target) in VIEW_FILES {
         let source = view.join(name);
         let _ = mount(
             Some(&source),
@@ -253,6 +276,14 @@ fn bind_view(view: &std::path::Path) {
             MsFlags::MS_BIND,
             None::<&str>,
         );
+    }
+}
+
+/// Takes the view's files off again (a job that sees its node's own
+/// files, handed to an init that bound the view ahead).
+fn unbind_view() {
+    for (_, target) in VIEW_FILES {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

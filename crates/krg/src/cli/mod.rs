@@ -2,6 +2,7 @@
 
 pub mod capset;
 pub mod cluster;
+pub mod deputy;
 pub mod doctor;
 pub mod events;
 pub mod kill;

