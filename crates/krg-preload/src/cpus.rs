@@ -1,7 +1,7 @@
 //! The CPU count calls a job's programs make, answered for the cluster.
 
+use core::ffi::CStr;
 use libc::{c_int, c_void, cpu_set_t, pid_t, pthread_t, size_t};
-use std::ffi::CStr;
 
 const ONLINE: &CStr = c"/sys/devices/system/cpu/online";
 
@@ -37,7 +37,7 @@ fn online_cpus() -> Option<usize> {
     if n <= 0 {
         return None;
     }
-    let text = std::str::from_utf8(&buf[..n as usize]).ok()?;
+    let text = core::str::from_utf8(&buf[..n as usize]).ok()?;
     Some(count_list(text)).filter(|c| *c > 0)
 }
 
@@ -47,7 +47,7 @@ fn online_cpus() -> Option<usize> {
 /// `mask` must be valid for `size` bytes of writes.
 unsafe fn fill(mask: *mut u8, size: usize, count: usize) {
     // SAFETY: the caller guarantees `size` writable bytes.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(mask, size) };
+    let bytes = unsafe { core::slice::from_raw_parts_mut(mask, size) };
     bytes.fill(0);
     for cpu in 0..count.min(size * 8) {
         bytes[cpu / 8] |= 1 << (cpu % 8);
@@ -63,7 +63,7 @@ pub(crate) fn next<T>(name: &CStr) -> Option<T> {
     // found, is the libc function of the type T names.
     unsafe {
         let p: *mut c_void = libc::dlsym(libc::RTLD_NEXT, name.as_ptr());
-        (!p.is_null()).then(|| std::mem::transmute_copy::<*mut c_void, T>(&p))
+        (!p.is_null()).then(|| core::mem::transmute_copy::<*mut c_void, T>(&p))
     }
 }
 

@@ -12,9 +12,12 @@
 //! This code runs between fork and exec: it uses libc calls only, and
 //! glibc's malloc (which is safe after fork with glibc).
 
+use alloc::borrow::ToOwned;
+use alloc::ffi::CString;
+use alloc::vec::Vec;
+use core::ffi::CStr;
+use core::sync::atomic::{AtomicBool, Ordering};
 use libc::{c_char, c_int, pid_t};
-use std::ffi::{CStr, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 static FORKED: AtomicBool = AtomicBool::new(false);
 
@@ -102,7 +105,7 @@ unsafe fn redirect(path: &CStr, argv: *const *const c_char) -> Redirect {
         .collect();
     let mut out: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
     let argv0 = if argv.is_null() {
-        std::ptr::null()
+        core::ptr::null()
     } else {
         // SAFETY: argv is a NULL-terminated array (caller's guarantee), so
         // its first slot is readable.
@@ -129,7 +132,7 @@ unsafe fn redirect(path: &CStr, argv: *const *const c_char) -> Redirect {
             i += 1;
         }
     }
-    out.push(std::ptr::null());
+    out.push(core::ptr::null());
     let mut all = strings;
     all.push(dashdash);
     all.push(empty);

@@ -387,12 +387,16 @@ fn start_init(
             env: spawn.env.clone(),
         };
         match waiting.hand_over(join, &handoff, job_fds) {
-            Ok(pid) => return Ok(pid),
+            Ok(pid) => {
+                tracing::debug!(pid, "timing: init from the pool");
+                return Ok(pid);
+            }
             Err(e) => tracing::warn!(
                 "a krg-init started ahead did not take its job, starting one now: {e}"
             ),
         }
     }
+    tracing::debug!("timing: no init waiting, one started now");
     spawn.start_isolated(join)
 }
 
