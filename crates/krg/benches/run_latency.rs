@@ -9,7 +9,13 @@
 //! other, so that a noisy moment of the machine falls on all of them.
 //!
 //! Every variant is a process started inside node 1's namespaces, so they
-//! all pay the same spawn cost on this side.
+//! all pay the same spawn cost on this side: the benchmark enters them for
+//! each run (`setns` between fork and exec, from a process of many
+//! threads). Then the same variants are timed again from a driver already
+//! inside node 1 (this binary, started there once with
+//! `KRG_BENCH_DRIVER`), as a user's shell on node 1 starts them:
+//! `start_latency_in_node`. A `krg` client reaches its krgd by the Unix
+//! socket only, so the baseline's clients run from there as well.
 
 use krg::lab::{Lab, LabOptions};
 use std::io::Read;
@@ -27,6 +33,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// Runs `c` with this process's stdout, so that its JSON lines join ours.
+fn run_inherit(mut c: Command) {
+    let st = c.status().expect("spawn");
+    assert!(st.success(), "command failed: {c:?}");
+}
+
 fn run_ok(mut c: Command) {
     let st = c
         .stdout(Stdio::null())
@@ -39,6 +51,10 @@ fn run_ok(mut c: Command) {
 /// Start latencies of several ways to run `true`, measured in turns (one
 /// run of each, then again) so that the machine's moods fall on all alike.
 fn latencies(variants: &[(&str, &dyn Fn() -> Command)]) {
+    latencies_as("start_latency", variants)
+}
+
+fn latencies_as(bench: &str, variants: &[(&str, &dyn Fn() -> Command)]) {
     for (_, make) in variants {
         for _ in 0..10 {
             run_ok(make());
@@ -56,10 +72,55 @@ fn latencies(variants: &[(&str, &dyn Fn() -> Command)]) {
         ms.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
         println!(
             "{}",
-            serde_json::json!({"bench": "start_latency", "variant": name, "runs": LATENCY_RUNS,
+            serde_json::json!({"bench": bench, "variant": name, "runs": LATENCY_RUNS,
                 "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "min_ms": ms[0]})
         );
     }
+}
+
+/// One variant as the in-node driver gets it: a name, then the program
+/// and its arguments, and the environment it adds, all as one JSON value.
+fn variant_json(name: &str, c: &Command) -> serde_json::Value {
+    let argv: Vec<String> = std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let env: Vec<(String, String)> = c
+        .get_envs()
+        .filter_map(|(k, v)| {
+            Some((
+                k.to_string_lossy().into_owned(),
+                v?.to_string_lossy().into_owned(),
+            ))
+        })
+        .collect();
+    serde_json::json!({"name": name, "argv": argv, "env": env})
+}
+
+/// Times the variants of `KRG_BENCH_DRIVER` (a JSON array of
+/// [`variant_json`]) from where this process runs, in turns, as
+/// [`latencies`] does.
+fn drive(spec: &str) {
+    let spec: Vec<serde_json::Value> = serde_json::from_str(spec).expect("driver spec");
+    let makers: Vec<(String, Box<dyn Fn() -> Command>)> = spec
+        .into_iter()
+        .map(|v| {
+            let name = v["name"].as_str().expect("name").to_owned();
+            let argv: Vec<String> = serde_json::from_value(v["argv"].clone()).expect("argv");
+            let env: Vec<(String, String)> = serde_json::from_value(v["env"].clone()).expect("env");
+            let make = move || {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]).envs(env.iter().map(|(k, v)| (k, v)));
+                c
+            };
+            (name, Box::new(make) as Box<dyn Fn() -> Command>)
+        })
+        .collect();
+    let variants: Vec<(&str, &dyn Fn() -> Command)> = makers
+        .iter()
+        .map(|(n, m)| (n.as_str(), m.as_ref()))
+        .collect();
+    latencies_as("start_latency_in_node", &variants);
 }
 
 fn burst(name: &str, make: &dyn Fn() -> Command) {
@@ -227,6 +288,10 @@ fn ssh_cmd(lab: &Lab, sshd: &Sshd, cmd: &str) -> Command {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var("KRG_BENCH_DRIVER") {
+        drive(&spec);
+        return;
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("run_latency: needs root (it builds a lab cluster); skipped");
         return;
@@ -290,6 +355,18 @@ fn main() {
         variants.push(("ssh ControlMaster", &ssh));
     }
     latencies(&variants);
+    let spec: Vec<serde_json::Value> = variants
+        .iter()
+        .map(|(name, make)| variant_json(name, &make()))
+        .collect();
+    let mut driver = lab
+        .command(1, std::env::current_exe().expect("this binary"))
+        .expect("node 1");
+    driver.env(
+        "KRG_BENCH_DRIVER",
+        serde_json::Value::from(spec).to_string(),
+    );
+    run_inherit(driver);
     if std::env::var("KRG_BENCH_ONLY").as_deref() == Ok("latency") {
         return;
     }

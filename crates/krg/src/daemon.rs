@@ -269,7 +269,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         logs_dir,
         placements: Mutex::new(VecDeque::new()),
         placement_policy: Mutex::new(None),
-        spare_links: crate::job::spare_link::SpareLinks::default(),
+        spare_links: Default::default(),
         init_pool: Arc::new(crate::job::init_pool::InitPool::new(init_path.clone())),
         events: crate::events::EventLog::new(id),
         metrics: crate::metrics::Metrics::new(),

@@ -346,7 +346,8 @@ async fn relay(node: Arc<Node>, conn: FrameConn<UnixStream>, deputy: Arc<Deputy>
     let up = tokio::spawn(async move {
         while let Some(Ok(frame)) = stream.next().await {
             match crate::wire::decode::<ToBody>(&frame) {
-                Ok(ToBody::Launch(_) | ToBody::Reattach(_) | ToBody::Hold) | Err(_) => break,
+                Ok(ToBody::Launch(_) | ToBody::Reattach(_) | ToBody::Hold | ToBody::Release)
+                | Err(_) => break,
                 Ok(msg) => {
                     if up_tx.send(msg).await.is_err() {
                         return;

@@ -19,7 +19,7 @@ use krg_types::{Gpid, NodeId, NodeState};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
 fn unavailable(msg: String) -> RemoteError {
@@ -126,32 +126,38 @@ fn make_spare(node: Arc<Node>, target: NodeId, addr: String) {
     }
     tokio::spawn(async move {
         match open_stream(&node, target, &addr).await {
-            Ok(conn) => {
-                node.spare_links.put(target, conn);
-                // Not left open past its use-by time.
-                tokio::time::sleep(super::spare_link::SPARE_MAX_AGE).await;
-                node.spare_links.drop_stale();
-            }
+            Ok(conn) => node.spare_links.put_for_a_while(target, conn),
             Err(e) => tracing::debug!(%target, error = %e.message, "no spare stream connection"),
         }
     });
 }
 
-async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+async fn home_pump(
     node: Arc<Node>,
     target: NodeId,
-    conn: FrameConn<S>,
+    conn: StreamConn,
     mut to_rx: mpsc::Receiver<ToBody>,
     from_tx: mpsc::Sender<FromBody>,
 ) {
     let (mut sink, mut stream) = conn.into_inner().split();
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    // Gives its half of the connection back when asked to stop between two
+    // frames (never in the middle of one), or when the deputy is gone.
     let writer = tokio::spawn(async move {
-        while let Some(frame) = to_rx.recv().await {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = &mut stop_rx => return Some(sink),
+                frame = to_rx.recv() => frame,
+            };
+            let Some(frame) = frame else {
+                return Some(sink);
+            };
             let Ok(bytes) = crate::wire::encode(&frame) else {
                 continue;
             };
             if sink.send(bytes).await.is_err() {
-                break;
+                return None;
             }
         }
     });
@@ -165,6 +171,7 @@ async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         })
     };
     let mut exited = false;
+    let mut job_ended = false;
     loop {
         tokio::select! {
             frame = stream.next() => {
@@ -179,6 +186,7 @@ async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     msg,
                     FromBody::Exited(_) | FromBody::Moved { .. } | FromBody::Checkpointed { .. }
                 );
+                job_ended = matches!(msg, FromBody::Exited(_));
                 if from_tx.send(msg).await.is_err() {
                     break;
                 }
@@ -195,25 +203,59 @@ async fn home_pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
         }
     }
-    writer.abort();
     if !exited {
+        writer.abort();
         let _ = from_tx.send(FromBody::Lost { node: target }).await;
+        return;
+    }
+    drop(from_tx);
+    if !job_ended {
+        writer.abort();
+        return;
+    }
+    // The job has ended: its connection serves the next launch there.
+    let _ = stop_tx.send(());
+    let Ok(Some(sink)) = writer.await else {
+        return;
+    };
+    let Ok(framed) = sink.reunite(stream) else {
+        return;
+    };
+    let mut conn = FrameConn::from_framed(framed);
+    if conn.send(&ToBody::Release).await.is_ok() {
+        node.spare_links.put_for_a_while(target, conn);
     }
 }
 
-/// Execution side: serves one `Stream` connection from a home node.
+/// Execution side: serves one `Stream` connection from a home node, job
+/// after job while the home node releases it after each (`Release`).
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     node: Arc<Node>,
     from: NodeId,
     mut conn: FrameConn<S>,
 ) -> Result<(), String> {
+    loop {
+        match serve_one(&node, from, conn).await? {
+            Some(released) => conn = released,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One job on a stream connection; the connection again if the home node
+/// released it once the job had ended.
+async fn serve_one<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    node: &Arc<Node>,
+    from: NodeId,
+    mut conn: FrameConn<S>,
+) -> Result<Option<FrameConn<S>>, String> {
     let first: ToBody = match conn.recv_timeout(HANDSHAKE_TIMEOUT_MS).await {
         Ok(first) => first,
         // A spare connection (`spare_link`) that was never used: the
         // peer closed it, or kept it past our wait.
         Err(WireError::Closed | WireError::Timeout(_)) => {
             tracing::debug!(%from, "a spare stream connection ended unused");
-            return Ok(());
+            return Ok(None);
         }
         Err(e) => return Err(format!("node {from}: bad launch: {e}")),
     };
@@ -225,7 +267,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     "node {from} launched job {gpid}, whose home is another node"
                 ));
             }
-            (gpid, body::start(&node, *spec))
+            (gpid, body::start(node, *spec))
         }
         ToBody::Reattach(gpid) => match node.jobs.attach_slot_take(gpid) {
             Some(link) => (gpid, link),
@@ -247,31 +289,58 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         _ => return Err(format!("node {from} opened a stream without a launch")),
     };
     let (mut sink, mut stream) = conn.into_inner().split();
-    let reader = tokio::spawn(async move {
+    // Gives its half back on `Release`; frames for a body that has ended
+    // meanwhile are dropped.
+    let mut reader = tokio::spawn(async move {
+        let mut tx = Some(tx);
         while let Some(Ok(frame)) = stream.next().await {
             match crate::wire::decode::<ToBody>(&frame) {
+                Ok(ToBody::Release) => return Some(stream),
                 Ok(ToBody::Launch(_)) | Err(_) => {
                     tracing::warn!(node = %from, gpid = %gpid, "bad frame on a job stream; hanging the job up");
                     break;
                 }
                 Ok(msg) => {
-                    if tx.send(msg).await.is_err() {
-                        break;
+                    if let Some(body) = &tx {
+                        if body.send(msg).await.is_err() {
+                            tx = None;
+                        }
                     }
                 }
             }
         }
         // Dropping `tx` tells the body its deputy is gone.
+        None
     });
+    let mut ended = false;
     while let Some(msg) = rx.recv().await {
+        ended = matches!(msg, FromBody::Exited(_));
         let Ok(bytes) = crate::wire::encode(&msg) else {
             continue;
         };
         if sink.send(bytes).await.is_err() {
+            ended = false;
+            break;
+        }
+        if ended {
+            // The last frame of a job; the home node answers `Release`.
             break;
         }
     }
+    if ended {
+        let wait = std::time::Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+        match tokio::time::timeout(wait, &mut reader).await {
+            Ok(Ok(Some(stream))) => {
+                if let Ok(framed) = sink.reunite(stream) {
+                    return Ok(Some(FrameConn::from_framed(framed)));
+                }
+            }
+            Ok(_) => {}
+            Err(_) => reader.abort(),
+        }
+        return Ok(None);
+    }
     let _ = sink.close().await;
     reader.abort();
-    Ok(())
+    Ok(None)
 }

@@ -1,9 +1,12 @@
-//! Stream connections made ahead of need: one per peer at most, so that a
-//! job launched there does not wait for TCP, TLS and the stream hello
-//! (about 1 ms of a remote `krg run`, measured in `benches/run_latency`).
+//! Stream connections ready for a job's first frame, so that a job launched
+//! on a peer does not wait for TCP, TLS and the stream hello (about 1 ms of
+//! a remote `krg run`, measured in `benches/run_latency`).
 //!
-//! A spare is made after each use, in the background, and kept for less
-//! time than the peer waits for a stream's first frame
+//! Two sources: a connection made in the background when a launch took the
+//! last spare to its peer, and the connection of a job that has ended
+//! (`ToBody::Release`), which spares both nodes a TLS handshake per job. At
+//! most [`SPARES_PER_PEER`] are kept per peer, the freshest used first,
+//! each for less time than the peer waits for a stream's first frame
 //! (`HANDSHAKE_TIMEOUT_MS`), then closed cleanly; one the peer has closed
 //! meanwhile (it restarted, or the network broke) is seen before use and
 //! not taken.
@@ -13,7 +16,7 @@ use krg_types::limits::HANDSHAKE_TIMEOUT_MS;
 use krg_types::NodeId;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -25,49 +28,76 @@ pub type StreamConn = FrameConn<TlsStream<TcpStream>>;
 /// frame, so that it cannot close it while we send.
 pub const SPARE_MAX_AGE: Duration = Duration::from_millis(HANDSHAKE_TIMEOUT_MS / 2);
 
+/// Enough for the jobs a node launches at once on one peer to come back
+/// to a connection each (16 at a time in `benches/run_latency`'s burst
+/// reuse them from the second round on), few enough to hold little.
+pub const SPARES_PER_PEER: usize = 16;
+
+/// Spare connections per peer, oldest first.
 #[derive(Default)]
 pub struct SpareLinks {
-    spares: Mutex<HashMap<NodeId, (StreamConn, Instant)>>,
+    spares: Mutex<HashMap<NodeId, Vec<(StreamConn, Instant)>>>,
 }
 
 impl SpareLinks {
-    /// The spare connection to `target`, if there is a fresh, open one.
+    /// The freshest open spare connection to `target`, if there is one.
     pub fn take(&self, target: NodeId) -> Option<StreamConn> {
-        let (conn, made) = self.lock().remove(&target)?;
-        if made.elapsed() < SPARE_MAX_AGE && still_open(&conn) {
-            return Some(conn);
+        loop {
+            let (conn, made) = self.lock().get_mut(&target)?.pop()?;
+            if made.elapsed() < SPARE_MAX_AGE && still_open(&conn) {
+                return Some(conn);
+            }
+            retire(conn);
         }
-        retire(conn);
-        None
     }
 
-    /// Keeps `conn` as the spare to `target`, unless there is one already.
-    pub fn put(&self, target: NodeId, conn: StreamConn) {
+    /// Keeps `conn` as a spare to `target`; closes it if there are enough.
+    /// Not left open past its use-by time: the caller has `self` look again
+    /// then ([`SpareLinks::put_for_a_while`]).
+    fn put(&self, target: NodeId, conn: StreamConn) {
         self.drop_stale();
-        self.lock().entry(target).or_insert((conn, Instant::now()));
+        let mut spares = self.lock();
+        let list = spares.entry(target).or_default();
+        if list.len() < SPARES_PER_PEER {
+            list.push((conn, Instant::now()));
+        } else {
+            drop(spares);
+            retire(conn);
+        }
+    }
+
+    /// [`SpareLinks::put`], and the stale spares closed once this one is.
+    pub fn put_for_a_while(self: &Arc<Self>, target: NodeId, conn: StreamConn) {
+        self.put(target, conn);
+        let spares = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SPARE_MAX_AGE).await;
+            spares.drop_stale();
+        });
     }
 
     /// Closes the spares that are too old to be used.
     pub fn drop_stale(&self) {
-        let stale: Vec<StreamConn> = {
+        let mut stale = Vec::new();
+        {
             let mut spares = self.lock();
-            let old: Vec<NodeId> = spares
-                .iter()
-                .filter(|(_, (_, made))| made.elapsed() >= SPARE_MAX_AGE)
-                .map(|(id, _)| *id)
-                .collect();
-            old.iter()
-                .filter_map(|id| spares.remove(id).map(|(conn, _)| conn))
-                .collect()
-        };
+            for list in spares.values_mut() {
+                let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|(_, made)| made.elapsed() >= SPARE_MAX_AGE);
+                *list = fresh;
+                stale.extend(old.into_iter().map(|(conn, _)| conn));
+            }
+            spares.retain(|_, list| !list.is_empty());
+        }
         stale.into_iter().for_each(retire);
     }
 
     pub fn has(&self, target: NodeId) -> bool {
-        self.lock().contains_key(&target)
+        self.lock().get(&target).is_some_and(|l| !l.is_empty())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, (StreamConn, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Vec<(StreamConn, Instant)>>> {
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -413,7 +413,7 @@ async fn control(
             }
             ToBody::Hangup => ctl.signal(libc::SIGHUP),
             ToBody::Hold => hold.notify_one(),
-            ToBody::Launch(_) | ToBody::Reattach(_) => {}
+            ToBody::Launch(_) | ToBody::Reattach(_) | ToBody::Release => {}
         }
     }
     // The deputy is gone: hang the job up, as sshd does when ssh dies.

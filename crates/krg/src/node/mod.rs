@@ -70,7 +70,7 @@ pub struct Node {
     /// The placement policy in force, and the configuration it was made from.
     pub placement_policy: Mutex<Option<(SchedConfig, Box<dyn Placement>)>>,
     /// Stream connections to peers made ahead of the next remote launch.
-    pub spare_links: crate::job::spare_link::SpareLinks,
+    pub spare_links: Arc<crate::job::spare_link::SpareLinks>,
     /// A krg-init started ahead of the next job started here.
     pub init_pool: Arc<crate::job::init_pool::InitPool>,
 }

@@ -20,7 +20,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 /// "KRG\x01": first field of every hello.
 pub const MAGIC: u32 = 0x4b52_4701;
 /// Version of the wire protocol, bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// What a connection is for; chosen by the side that connects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +102,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameConn<S> {
         FrameConn {
             inner: Framed::new(io, codec()),
         }
+    }
+
+    /// The connection of [`FrameConn::into_inner`] again, with whatever it
+    /// had read ahead.
+    pub fn from_framed(inner: Framed<S, LengthDelimitedCodec>) -> Self {
+        FrameConn { inner }
     }
 
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), WireError> {

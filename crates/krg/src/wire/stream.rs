@@ -33,6 +33,10 @@ pub enum ToBody {
     /// First frame of a stream connection to a body that moved or was
     /// restarted here: attach to it.
     Reattach(Gpid),
+    /// Home side, after the job's `Exited`: nothing more comes for this
+    /// job, and the connection waits for its next first frame (`Launch` or
+    /// `Reattach`), as a spare (`job::spare_link`). Node to node only.
+    Release,
 }
 
 /// From the body.
