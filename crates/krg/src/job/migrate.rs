@@ -178,7 +178,10 @@ async fn ready(ctl: &BodyCtl, what: &str) -> Result<(), RemoteError> {
 /// Why this job cannot move or be saved, found before anything is frozen.
 pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
     let gpid = ctl.gpid;
-    let tcp = tcp_sockets();
+    // Read only for a job that holds a socket: each table walks every
+    // bucket of the kernel's TCP hash (4 ms here, 262144 buckets), however
+    // few sockets there are.
+    let mut tcp: Option<Vec<(String, String)>> = None;
     for pid in ctl.cgroup.pids() {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
@@ -189,6 +192,7 @@ pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
             };
             let t = target.to_string_lossy();
             if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                let tcp = tcp.get_or_insert_with(tcp_sockets);
                 if let Some(peer) = tcp.iter().find(|(i, _)| i == ino).map(|(_, p)| p) {
                     return Some(format!(
                         "cannot migrate job {gpid}: it holds a TCP connection to {peer}"
@@ -806,6 +810,7 @@ async fn checkpoint(
         return (Err(e), After::Stay);
     }
     let kill = after == CheckpointAfter::Kill;
+    let began = Instant::now();
     // As for a move: CRIU starts before the freeze.
     let (dump_tx, dump_rx) = std::sync::mpsc::channel();
     let criu = node.criu.clone();
@@ -820,6 +825,7 @@ async fn checkpoint(
         Ok(t) => t,
         Err(e) => return (Err(e), After::Stay),
     };
+    tracing::debug!(gpid = %gpid, us = began.elapsed().as_micros() as u64, "timing: checkpoint frozen, streams taken");
     let store = node.config.image_store.clone();
     let (version, dir) = match image::create_version_dir(&store, gpid, ctl.spec.uid, ctl.spec.gid) {
         Ok(v) => v,
@@ -858,6 +864,7 @@ async fn checkpoint(
             After::Stay,
         );
     }
+    tracing::debug!(gpid = %gpid, us = began.elapsed().as_micros() as u64, dump_ms, "timing: checkpoint dumped");
     let bytes = image::dir_bytes(&dir);
     let meta = ImageMeta {
         gpid,
@@ -885,9 +892,11 @@ async fn checkpoint(
     if let Err(e) = image::write_meta(&dir, &meta) {
         tracing::warn!(gpid = %gpid, error = %e, "cannot write the image's metadata");
     }
+    tracing::debug!(gpid = %gpid, us = began.elapsed().as_micros() as u64, "timing: checkpoint metadata written");
     let _ = node
         .propose(crate::cluster::types::Command::AddImage(rec.clone()))
         .await;
+    tracing::debug!(gpid = %gpid, us = began.elapsed().as_micros() as u64, "timing: checkpoint image recorded");
     node.events.record(
         "checkpoint",
         format!("checkpointed {gpid} as version {version} ({bytes} bytes)"),
