@@ -18,9 +18,11 @@
 //!   its migration image directory is removed; stop: `wall_ms`).
 //!
 //! `KRG_BENCH_MIB=64,1024`, `KRG_BENCH_REWRITE=0`, `KRG_BENCH_MODES=lazy`
-//! pick the cases; `KRG_BENCH_ONLY=migrate` leaves out the checkpoints;
-//! `KRG_BENCH_BASELINE=DIR` also measures the `krgd` and `krg` of DIR (an
-//! older build) on a second lab, one move on each lab in turn.
+//! pick the cases, `KRG_BENCH_RUNS=9` how many of each (3);
+//! `KRG_BENCH_ONLY=migrate` leaves out the checkpoints,
+//! `KRG_BENCH_ONLY=checkpoint` the moves; `KRG_BENCH_BASELINE=DIR` also
+//! measures the `krgd` and `krg` of DIR (an older build) on a second lab,
+//! one move (or checkpoint) on each lab in turn.
 //!
 //! Then, per size, `krg checkpoint --leave-running --json` (wall clock, the
 //! JSON gives no time) against `cp -r` of the image it wrote into the same
@@ -76,8 +78,17 @@ const PAGES_TIMEOUT: Duration = Duration::from_secs(300);
 /// that window).
 const SETTLE: Duration = Duration::from_millis(1000);
 const MIB: f64 = 1024.0 * 1024.0;
-/// Moves (and checkpoints) per case; the medians are printed.
+/// Moves (and checkpoints) per case, unless `KRG_BENCH_RUNS` says; the
+/// medians are printed.
 const RUNS: usize = 3;
+
+fn runs() -> usize {
+    std::env::var("KRG_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(RUNS)
+}
 
 fn now_epoch_s() -> f64 {
     SystemTime::now()
@@ -268,12 +279,12 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-/// `RUNS` moves of a fresh job; prints the medians (and each run's freeze
+/// [`runs`] moves of a fresh job; prints the medians (and each run's freeze
 /// as the job saw it).
 fn migrations(clusters: &[Cluster], script: &str, mib: u64, rate: u64, mode: &str) {
     let mut samples: Vec<Vec<Value>> = vec![Vec::new(); clusters.len()];
     // In turns: one move on each cluster, then again.
-    for _ in 0..RUNS {
+    for _ in 0..runs() {
         for (c, samples) in clusters.iter().zip(samples.iter_mut()) {
             match migration(c, script, mib, rate, mode) {
                 Ok(sample) => samples.push(sample),
@@ -300,7 +311,7 @@ fn migrations(clusters: &[Cluster], script: &str, mib: u64, rate: u64, mode: &st
         let bytes = med("bytes");
         println!(
             "{}",
-            json!({"bench": "migrate", "build": c.build, "mib": mib, "rewrite_mib_s": rate, "mode": mode, "runs": RUNS,
+            json!({"bench": "migrate", "build": c.build, "mib": mib, "rewrite_mib_s": rate, "mode": mode, "runs": runs(),
                 "freeze_ms_krg": med("freeze_ms_krg"), "freeze_ms_job": round1(med("freeze_ms_job")),
                 "freeze_ms_job_each": samples.iter().map(|s| round1(s["freeze_ms_job"].as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>(),
                 "total_ms_krg": med("total_ms_krg"), "wall_ms": med("wall_ms").round(),
@@ -317,52 +328,83 @@ fn sync() {
     assert!(out.status.success(), "sync failed");
 }
 
-/// `RUNS` checkpoints of one job (`--leave-running`), each followed by a
-/// `cp -r` of the image it wrote to a sibling directory of the store; the
-/// medians.
-fn checkpoint(c: &Cluster, script: &str, mib: u64) {
-    let job = Job::start(c, script, mib, 0);
+/// [`runs`] checkpoints of one job per cluster (`--leave-running`), the
+/// clusters in turns, each checkpoint followed by a `cp -r` of the image it
+/// wrote to a sibling directory of the store; the medians.
+fn checkpoints(clusters: &[Cluster], script: &str, mib: u64) {
+    let jobs: Vec<Job> = clusters
+        .iter()
+        .map(|c| Job::start(c, script, mib, 0))
+        .collect();
     thread::sleep(SETTLE);
-    let (mut checkpoint_s, mut cp_s) = (Vec::new(), Vec::new());
-    let (mut bytes, mut copied) = (0, 0);
-    for _ in 0..RUNS {
-        sync();
-        let started = Instant::now();
-        let text = krg_ok(c, &["checkpoint", &job.gpid, "--leave-running", "--json"]);
-        checkpoint_s.push(started.elapsed().as_secs_f64());
-        let record: Value = serde_json::from_str(&text).expect("checkpoint --json");
-        bytes = record["bytes"].as_u64().expect("bytes");
-        let image = PathBuf::from(record["path"].as_str().expect("path"));
-        let copy = image.with_file_name("cp-bench");
-        let _ = std::fs::remove_dir_all(&copy);
-        sync();
-        let started = Instant::now();
-        let mut cp = Command::new("cp");
-        cp.arg("-r").arg(&image).arg(&copy);
-        let out = bounded(cp, COMMAND_TIMEOUT);
-        cp_s.push(started.elapsed().as_secs_f64());
-        assert!(
-            out.status.success(),
-            "cp: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        copied = dir_bytes(&copy);
-        let _ = std::fs::remove_dir_all(&copy);
-        let _ = std::fs::remove_dir_all(&image);
+    let mut samples: Vec<Vec<CheckpointSample>> = vec![Vec::new(); clusters.len()];
+    for _ in 0..runs() {
+        for ((c, job), samples) in clusters.iter().zip(&jobs).zip(samples.iter_mut()) {
+            samples.push(checkpoint_and_cp(c, &job.gpid));
+        }
     }
-    let gpid = job.gpid.clone();
-    job.end(c);
-    krg_ok(c, &["images", "rm", &gpid]);
-    let (checkpoint_s, cp_s) = (median(checkpoint_s), median(cp_s));
-    let checkpoint_mib_s = bytes as f64 / MIB / checkpoint_s;
-    let cp_mib_s = copied as f64 / MIB / cp_s;
-    println!(
-        "{}",
-        json!({"bench": "checkpoint", "build": c.build, "mib": mib, "runs": RUNS, "bytes": bytes,
-            "checkpoint_ms": (checkpoint_s * 1000.0).round(), "checkpoint_mib_s": round1(checkpoint_mib_s),
-            "cp_bytes": copied, "cp_ms": (cp_s * 1000.0).round(), "cp_mib_s": round1(cp_mib_s),
-            "checkpoint_speed_vs_cp": (checkpoint_mib_s / cp_mib_s * 100.0).round() / 100.0})
+    for ((c, job), samples) in clusters.iter().zip(jobs).zip(samples) {
+        let gpid = job.gpid.clone();
+        job.end(c);
+        krg_ok(c, &["images", "rm", &gpid]);
+        let bytes = samples.last().map_or(0, |s| s.bytes);
+        let copied = samples.last().map_or(0, |s| s.copied);
+        let checkpoint_s = median(samples.iter().map(|s| s.checkpoint_s).collect());
+        let cp_s = median(samples.iter().map(|s| s.cp_s).collect());
+        let checkpoint_mib_s = bytes as f64 / MIB / checkpoint_s;
+        let cp_mib_s = copied as f64 / MIB / cp_s;
+        println!(
+            "{}",
+            json!({"bench": "checkpoint", "build": c.build, "mib": mib, "runs": runs(), "bytes": bytes,
+                "checkpoint_ms": (checkpoint_s * 1000.0).round(), "checkpoint_mib_s": round1(checkpoint_mib_s),
+                "checkpoint_ms_each": samples.iter().map(|s| (s.checkpoint_s * 1000.0).round()).collect::<Vec<_>>(),
+                "cp_bytes": copied, "cp_ms": (cp_s * 1000.0).round(), "cp_mib_s": round1(cp_mib_s),
+                "cp_ms_each": samples.iter().map(|s| (s.cp_s * 1000.0).round()).collect::<Vec<_>>(),
+                "checkpoint_speed_vs_cp": (checkpoint_mib_s / cp_mib_s * 100.0).round() / 100.0})
+        );
+    }
+}
+
+#[derive(Clone)]
+struct CheckpointSample {
+    checkpoint_s: f64,
+    cp_s: f64,
+    bytes: u64,
+    copied: u64,
+}
+
+/// One checkpoint of job `gpid` and one `cp -r` of its image, both timed
+/// from written-back page cache; the image and its copy are removed.
+fn checkpoint_and_cp(c: &Cluster, gpid: &str) -> CheckpointSample {
+    sync();
+    let started = Instant::now();
+    let text = krg_ok(c, &["checkpoint", gpid, "--leave-running", "--json"]);
+    let checkpoint_s = started.elapsed().as_secs_f64();
+    let record: Value = serde_json::from_str(&text).expect("checkpoint --json");
+    let bytes = record["bytes"].as_u64().expect("bytes");
+    let image = PathBuf::from(record["path"].as_str().expect("path"));
+    let copy = image.with_file_name("cp-bench");
+    let _ = std::fs::remove_dir_all(&copy);
+    sync();
+    let started = Instant::now();
+    let mut cp = Command::new("cp");
+    cp.arg("-r").arg(&image).arg(&copy);
+    let out = bounded(cp, COMMAND_TIMEOUT);
+    let cp_s = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let copied = dir_bytes(&copy);
+    let _ = std::fs::remove_dir_all(&copy);
+    let _ = std::fs::remove_dir_all(&image);
+    CheckpointSample {
+        checkpoint_s,
+        cp_s,
+        bytes,
+        copied,
+    }
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -436,18 +478,19 @@ fn main() {
         |_| MODES.iter().map(|m| m.to_string()).collect(),
         |v| v.split(',').map(str::to_owned).collect(),
     );
-    for &mib in &sizes {
-        for &rate in &rates {
-            for mode in &modes {
-                migrations(&clusters, &script, mib, rate, mode);
+    let only = std::env::var("KRG_BENCH_ONLY").ok();
+    if only.as_deref() != Some("checkpoint") {
+        for &mib in &sizes {
+            for &rate in &rates {
+                for mode in &modes {
+                    migrations(&clusters, &script, mib, rate, mode);
+                }
             }
         }
     }
-    if std::env::var("KRG_BENCH_ONLY").as_deref() != Ok("migrate") {
+    if only.as_deref() != Some("migrate") {
         for &mib in &sizes {
-            for c in &clusters {
-                checkpoint(c, &script, mib);
-            }
+            checkpoints(&clusters, &script, mib);
         }
     }
     drop(clusters);
