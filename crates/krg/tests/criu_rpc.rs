@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use krg::criu::{
     AfterDump, Criu, CriuRpc, DumpOutcome, DumpRequest, ExternalKey, InheritFd, LazyPagesRequest,
-    MemoryTransfer, Notice, RestoreOutcome, RestoreRequest,
+    MemoryTransfer, Notice, PageTls, RestoreOutcome, RestoreRequest,
 };
 
 const KRG_INIT: &str = env!("CARGO_BIN_EXE_krg-init");
@@ -698,6 +698,8 @@ struct Plan {
     freeze_cgroup: Option<PathBuf>,
     /// The restored job's cgroups.
     join_cgroups: Vec<PathBuf>,
+    /// Pages over TLS (lazy moves).
+    tls: Option<PageTls>,
 }
 
 impl Plan {
@@ -751,6 +753,7 @@ fn migrate_with(job: Job, plan: &Plan) -> Moved {
     let port = free_port();
     if mode == Mode::Lazy {
         dump_req.memory = MemoryTransfer::Lazy { port };
+        dump_req.page_tls = plan.tls.clone();
     }
     println!("--- dump pid {} ({mode:?})", job.pid());
     let dumper = {
@@ -766,6 +769,7 @@ fn migrate_with(job: Job, plan: &Plan) -> Moved {
             let mut req = LazyPagesRequest::new(&images, "127.0.0.1", port);
             req.work_dir = Some(target_work.clone());
             req.netns = netns.map(Path::to_owned);
+            req.tls = plan.tls.clone();
             Some(criu.lazy_pages(&req).unwrap_or_else(|err| panic!("{err}")))
         }
     };
@@ -1208,6 +1212,125 @@ fn lazy_migration_keeps_memory() {
     job.send(&word);
     job.wait_output(&format!("echo {word}"), 0);
     job.terminate();
+}
+
+/// A cluster identity (CA, node certificate and key) in `dir`, as a node
+/// keeps it in its state directory.
+fn identity_in(dir: &TempDir) -> (krg::identity::Identity, PageTls) {
+    let (identity, _) = krg::identity::ca::init_cluster("127.0.0.1:7470").expect("a CA");
+    let state = dir.join("state");
+    krg::identity::StateDir::new(&state)
+        .save_new(&identity)
+        .expect("identity files");
+    (identity, PageTls::in_state_dir(&state))
+}
+
+/// Goal: post-copy over mutual TLS loses no page. Method: as
+/// `lazy_migration_keeps_memory`, with the page server and the lazy-pages
+/// daemon given a cluster's CA, certificate and key.
+#[test]
+fn lazy_migration_over_tls_keeps_memory() {
+    let Some(_lab) = lab("lazy_migration_over_tls_keeps_memory") else {
+        return;
+    };
+    let dir = TempDir::new("tls");
+    let (_, tls) = identity_in(&dir);
+    let mut job = Job::start(Stdio3::Pipes, MEMORY_MIB, 2, false);
+    let sum = job.ask("sum");
+    let plan = Plan {
+        lazy: true,
+        tls: Some(tls),
+        ..Plan::default()
+    };
+    let moved = migrate_with(job, &plan);
+    report("lazy_migration_over_tls_keeps_memory", MEMORY_MIB, &moved);
+    let mut job = moved.job;
+    assert_eq!(
+        job.ask("sum"),
+        sum,
+        "memory checksum after post-copy over TLS"
+    );
+    job.terminate();
+}
+
+/// Goal: the page server of a lazy dump serves only holders of a node
+/// certificate of the cluster. Method: two lazy dumps with TLS; once ready,
+/// a TLS client with the cluster's CA but no certificate of its own must
+/// be refused during the handshake, and one with a node certificate must
+/// complete it (a page server in clear would fail both the same way).
+#[test]
+fn lazy_page_server_wants_a_node_certificate() {
+    let Some(_lab) = lab("lazy_page_server_wants_a_node_certificate") else {
+        return;
+    };
+    let dir = TempDir::new("tls-refusal");
+    let (identity, tls) = identity_in(&dir);
+    let anonymous = krg::identity::tls::anonymous_client_config(&identity.ca_cert_pem)
+        .expect("anonymous client config");
+    let member = krg::identity::tls::client_config(&identity).expect("client config");
+    for (who, config, accepted) in [
+        ("no certificate", anonymous, false),
+        ("a node certificate", member, true),
+    ] {
+        let job = Job::start(Stdio3::Pipes, 16, 0, false);
+        let images = dir.join(&unique("images"));
+        let port = free_port();
+        let (tx, notices) = mpsc::channel::<Notice>();
+        let mut req = DumpRequest::new(job.pid(), &images);
+        req.after = AfterDump::Stop;
+        req.streams = job.keys.values().copied().collect();
+        req.notices = Some(tx);
+        req.memory = MemoryTransfer::Lazy { port };
+        req.page_tls = Some(tls.clone());
+        let criu = CriuRpc::new();
+        let dumper = thread::spawn(move || criu.dump(&req));
+        wait_notice(&notices, "status-ready");
+        let handshake = tls_handshake(port, config);
+        println!("lazy_page_server_wants_a_node_certificate: {who}: {handshake:?}");
+        assert_eq!(
+            handshake.is_ok(),
+            accepted,
+            "a client with {who}: {handshake:?}"
+        );
+        // The page server ends with its client; the job is left stopped.
+        let _ = dumper.join().expect("dump thread");
+        job.terminate();
+    }
+}
+
+/// A TLS handshake with the page server on 127.0.0.1:`port`, as a client
+/// configured by `config`: `Ok` when the server, after the handshake, keeps
+/// the connection open waiting for a request; the error when it ends it.
+fn tls_handshake(port: u16, config: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(config, krg::identity::tls::server_name())
+        .map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    // In TLS 1.3 the server judges the client's certificate after the
+    // client has finished: its verdict is what comes next (an alert, or
+    // nothing while it waits for a request).
+    // Session tickets may come first: read until the server is silent.
+    tcp.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    loop {
+        match conn.complete_io(&mut tcp) {
+            Ok((0, _)) => return Err("the server closed the connection".to_owned()),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Goal: the freeze time of a 256 MiB job, stop mode against post-copy.

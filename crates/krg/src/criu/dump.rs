@@ -181,6 +181,13 @@ pub fn opts(
             opts.ps = MessageField::some(ps);
         }
     }
+    if let (Some(tls), false) = (&req.page_tls, req.memory == MemoryTransfer::Images) {
+        opts.set_tls(true);
+        opts.set_tls_cacert(tls.ca_cert.to_string_lossy().into_owned());
+        opts.set_tls_cert(tls.cert.to_string_lossy().into_owned());
+        opts.set_tls_key(tls.key.to_string_lossy().into_owned());
+        opts.set_tls_no_cn_verify(true);
+    }
     if let Some(parent) = &req.parent_images {
         opts.set_parent_img(parent.to_string_lossy().into_owned());
     }
@@ -374,6 +381,23 @@ mod tests {
         assert!(!o.lazy_pages());
         assert_eq!(o.ps.address(), "10.0.0.2");
         assert!(o.skip_mnt.is_empty());
+    }
+
+    #[test]
+    fn pages_go_over_tls_only_from_a_page_server() {
+        let images = File::open("/").expect("open /");
+        let tls = crate::criu::PageTls::in_state_dir(Path::new("/var/lib/krg"));
+        let mut req = DumpRequest::new(4242, "/tmp/x");
+        req.page_tls = Some(tls);
+        let o = opts(&req, &images, &images, "dump.log", &[]);
+        assert!(!o.tls(), "images written here need no TLS");
+        req.memory = MemoryTransfer::Lazy { port: 27000 };
+        let o = opts(&req, &images, &images, "dump.log", &[]);
+        assert!(o.tls());
+        assert_eq!(o.tls_cacert(), "/var/lib/krg/ca.crt");
+        assert_eq!(o.tls_cert(), "/var/lib/krg/node.crt");
+        assert_eq!(o.tls_key(), "/var/lib/krg/node.key");
+        assert!(o.tls_no_cn_verify());
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct LazyPagesRequest {
     /// The source's page server (the lazy dump).
     pub address: String,
     pub port: u16,
+    /// TLS to the page server (the dump's [`super::DumpRequest::page_tls`]
+    /// must match); plain TCP when `None`.
+    pub tls: Option<super::PageTls>,
     /// Run it in this network namespace; `None`: the calling thread's.
     pub netns: Option<PathBuf>,
     pub log_level: u32,
@@ -57,6 +60,7 @@ impl LazyPagesRequest {
             work_dir: None,
             address: address.into(),
             port,
+            tls: None,
             netns: None,
             log_level: LOG_LEVEL_DEFAULT,
             ready_timeout: QUICK_TIMEOUT,
@@ -193,6 +197,17 @@ pub fn start(binary: &Path, req: &LazyPagesRequest) -> Result<LazyPages, CriuErr
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if let Some(tls) = &req.tls {
+        command
+            .arg("--tls")
+            .arg("--tls-cacert")
+            .arg(&tls.ca_cert)
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .arg("--tls-no-cn-verify");
+    }
     // No PR_SET_PDEATHSIG here, unlike `criu swrk`: the thread that starts
     // the daemon returns at once (in krgd a blocking-pool thread that may
     // exit while the daemon works); `LazyPages` kills it on drop.

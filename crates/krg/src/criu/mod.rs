@@ -305,6 +305,31 @@ pub struct CgroupRoot {
     pub path: PathBuf,
 }
 
+/// Mutual TLS for the pages a dump serves and the lazy-pages daemon
+/// fetches (CRIU's `--tls`, GnuTLS): both ends show a certificate of the
+/// cluster's CA, so that a job's memory never crosses the network in clear
+/// and no one without a node certificate is served. The names in a node
+/// certificate are not its address: the chain is verified, the host name
+/// is not (`tls_no_cn_verify`), as krg's own connections check the CA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageTls {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl PageTls {
+    /// The node's own identity files (`identity`'s `ca.crt`, `node.crt`,
+    /// `node.key`) in its state directory.
+    pub fn in_state_dir(dir: &Path) -> PageTls {
+        PageTls {
+            ca_cert: dir.join("ca.crt"),
+            cert: dir.join("node.crt"),
+            key: dir.join("node.key"),
+        }
+    }
+}
+
 /// A notification CRIU sent during a call (its "action scripts": `pre-dump`,
 /// `post-dump`, `status-ready`, `setup-namespaces`, `post-restore`, ...).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -330,6 +355,9 @@ pub struct DumpRequest {
     pub kind: DumpKind,
     pub after: AfterDump,
     pub memory: MemoryTransfer,
+    /// TLS for the page server of [`MemoryTransfer::Lazy`] and
+    /// [`MemoryTransfer::PageServer`]; plain TCP when `None`.
+    pub page_tls: Option<PageTls>,
     /// A previous pre-dump, relative to `images_dir` (e.g. `../pre1`).
     pub parent_images: Option<PathBuf>,
     /// Keep soft-dirty tracking for a later dump (pre-copy).
@@ -376,6 +404,7 @@ impl DumpRequest {
             kind: DumpKind::Full,
             after: AfterDump::Kill,
             memory: MemoryTransfer::Images,
+            page_tls: None,
             parent_images: None,
             track_mem: false,
             streams: Vec::new(),

@@ -316,6 +316,7 @@ fn dump_request(node: &Node, ctl: &BodyCtl, keys: &StreamKeys, dir: PathBuf) -> 
         .find(|d| d.join("freezer.state").exists())
         .cloned();
     req.log_level = node.config.criu_log_level;
+    req.page_tls = Some(crate::criu::PageTls::in_state_dir(&node.config.state_dir));
     req
 }
 

@@ -177,6 +177,7 @@ async fn restore_into(
         lreq.gpid = Some(gpid);
         lreq.work_dir = Some(work.clone());
         lreq.log_level = node.config.criu_log_level;
+        lreq.tls = Some(crate::criu::PageTls::in_state_dir(&node.config.state_dir));
         let started = tokio::task::spawn_blocking(move || criu.lazy_pages(&lreq))
             .await
             .map_err(|e| e.to_string())
