@@ -389,7 +389,15 @@ fn lazy_pages(bin: &Path) -> Feature {
         }
     }
     if missing.is_empty() {
-        Feature::yes("uffd, uffd-noncoop")
+        match run(bin, &["--help"], CRIU_TIMEOUT) {
+            Ok(r) if lists_tls_option(&r.stdout) => Feature::yes("uffd, uffd-noncoop, tls"),
+            Ok(_) => Feature::no(
+                "CRIU was built without GnuTLS (its --help lists no --tls), and lazy moves send the job's pages over TLS: post-copy (lazy) migration disabled; rebuild CRIU with libgnutls28-dev (./setup)",
+            ),
+            Err(e) => Feature::no(format!(
+                "criu --help could not run ({e}): post-copy (lazy) migration disabled"
+            )),
+        }
     } else {
         Feature::no(format!(
             "CRIU reports no {} support ({}): post-copy (lazy) migration disabled",
@@ -397,6 +405,13 @@ fn lazy_pages(bin: &Path) -> Feature {
             said.unwrap_or_default()
         ))
     }
+}
+
+/// Whether CRIU's usage text offers `--tls`, which it lists only when
+/// built with GnuTLS (and otherwise refuses with "built without TLS").
+fn lists_tls_option(help: &str) -> bool {
+    help.lines()
+        .any(|l| l.split_whitespace().next() == Some("--tls"))
 }
 
 fn criu_mem_dirty_track(bin: &Path) -> Option<bool> {
@@ -906,6 +921,18 @@ mod tests {
                 assert!(!r.is_empty() && !r.contains('\n'), "{name}: {r:?}");
             }
         }
+    }
+
+    #[test]
+    fn tls_support_is_read_from_criu_usage() {
+        let with = "  --status-fd FD        write \\0 to the FD\n  --tls-cacert FILE     trust certificates\n  --tls                 use TLS to secure remote connection\n";
+        let without = "  --status-fd FD        write \\0 to the FD\n  --port PORT           port of page server\n";
+        assert!(lists_tls_option(with));
+        assert!(!lists_tls_option(without));
+        // Only the option itself counts, not its relatives or prose.
+        assert!(!lists_tls_option(
+            "  --tls-cacert FILE  trust\n  use --tls to secure\n"
+        ));
     }
 
     #[test]
