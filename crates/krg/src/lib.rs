@@ -18,6 +18,7 @@ pub mod lab;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod pidfd;
 pub mod policy;
 pub mod probe;
 pub mod view;

@@ -23,8 +23,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    compile, krg_as_nobody, krg_cmd, ok_within, output_of, processes, reader_thread, show, stderr,
-    stdout, step, workload, Input, Running, Scratch, KRG, NOBODY_UID, WAIT,
+    compile, job_cgroups, krg_as_nobody, krg_cmd, ok_within, output_of, processes, reader_thread,
+    show, stderr, stdout, step, subdirs, workload, Input, Running, Scratch, KRG, NOBODY_UID, WAIT,
 };
 use krg::lab::{self, Lab};
 use krg_types::Gpid;
@@ -211,36 +211,6 @@ fn fd_kinds(pid: u32) -> String {
         .map(|(k, n)| format!("{k} x{n}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Every directory below `dir` (not `dir` itself).
-fn subdirs(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                found.push(entry.path());
-                todo.push(entry.path());
-            }
-        }
-    }
-    found
-}
-
-/// The job cgroups (`krg-jobs/job-*`) below node K's cgroups.
-fn job_cgroups(lab: &Lab, k: u32) -> Vec<PathBuf> {
-    lab.cgroup_dirs(k)
-        .iter()
-        .flat_map(|d| subdirs(d))
-        .filter(|d| {
-            d.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("job-"))
-                && d.parent()
-                    .and_then(Path::file_name)
-                    .is_some_and(|p| p == "krg-jobs")
-        })
-        .collect()
 }
 
 /// Every process in node K's cgroups (all hierarchies, all levels).

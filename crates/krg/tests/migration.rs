@@ -26,7 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    krg_cmd, output_of, serial, show, step, Input, Running, Scratch, KRG, NOBODY_UID, WAIT,
+    job_cgroups, krg_cmd, output_of, serial, show, step, Input, Running, Scratch, KRG, NOBODY_UID,
+    WAIT,
 };
 use krg::lab::{self, Lab};
 use serde_json::Value;
@@ -452,6 +453,65 @@ fn lab_migration_back_to_back_moves() {
         job.stderr()
     );
     assert_consecutive(&numbers(&lines), 0, "the ticker's numbers through 90 moves");
+}
+
+/// Goal: a job may be moved back at once to the node it has just left,
+/// and a node is done with a job that left it when `krg migrate` returns.
+/// (The source used to remove the job's cgroup after answering; a move
+/// back made the cgroup of the same name and had its CRIU killed by that
+/// removal: "cannot restore job ... rpc socket error".) Method: a Python
+/// job holding 256 MiB under `krg run` on node 1, moved lazily 1 → 2 → 1
+/// ... ten times, each `krg migrate` issued the moment the previous one
+/// has returned; after each, the node it left holds no job cgroup; then
+/// the job still prints its timestamps and its exit status arrives.
+#[test]
+fn lab_migration_back_to_the_node_it_just_left() {
+    let Some(lab) = lab_up() else { return };
+    let scratch = new_scratch("pingpong");
+    let memory = copy_workload(&scratch, "migration_memory.py");
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 256");
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], false);
+    let gpid = job.gpid();
+    job.expect_line(|l| l.starts_with("ready"), "ready");
+    let mut at = 1;
+    for i in 0..10u32 {
+        let target = 3 - at;
+        let out = krg(
+            &lab,
+            1,
+            &["migrate", &gpid, &target.to_string(), "--mode=lazy"],
+        );
+        assert!(
+            out.status.success(),
+            "move {} (node {at} -> {target}), right after the previous one: {}",
+            i + 1,
+            show(&out)
+        );
+        let left = job_cgroups(&lab, at);
+        assert!(
+            left.is_empty(),
+            "move {}: node {at} still holds {left:?} after `krg migrate` returned",
+            i + 1
+        );
+        at = target;
+    }
+    let seen = job.drain().len();
+    lab::wait_until(WAIT, "a timestamp after the last move", || {
+        if job.drain()[seen..].iter().any(|l| l.starts_with("t ")) {
+            Ok(())
+        } else {
+            Err(format!("last lines: {:?}", tail(job.seen())))
+        }
+    })
+    .unwrap();
+    krg_ok(&lab, 1, &["kill", &gpid]);
+    let (status, _) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, "256 MiB job", &job),
+        143,
+        "stderr: {:?}",
+        job.stderr()
+    );
 }
 
 /// One program run without and with migrations: its output must match.

@@ -101,6 +101,10 @@ pub fn run_on(
         join_cgroups: Vec::new(),
         timeout: req.timeout,
         notices: req.notices.as_ref(),
+        page_server_port: match req.memory {
+            MemoryTransfer::Lazy { port } => Some(port),
+            _ => None,
+        },
     };
     tracing::info!(pid = req.pid, images = %req.images_dir.display(), kind = ?req.kind, after = ?req.after, "criu dump");
     let started = match ahead {

@@ -36,6 +36,7 @@ pub mod fake;
 pub mod kdat;
 pub mod lazy;
 pub mod log;
+pub mod page_server_socket;
 pub mod restore;
 pub mod rpc;
 pub mod stats;

@@ -82,6 +82,7 @@ pub fn run_when(
         join_cgroups: rpc::cgroup_procs(&req.join_cgroups)?,
         timeout: req.timeout,
         notices: req.notices.as_ref(),
+        page_server_port: None,
     };
     tracing::info!(images = %req.images_dir.display(), lazy = req.lazy_pages, "criu restore");
     let started = rpc::start(binary, &call)?;

@@ -38,8 +38,9 @@ use rust_criu::rust_criu_protobuf::rpc::{
 };
 
 use super::{
-    log, Action, CgroupMode, CheckReport, CriuError, CriuVersion, Notice, Target, EXIT_TIMEOUT,
-    QUICK_TIMEOUT, RPC_FDS_PER_MESSAGE_MAX, RPC_MESSAGE_BYTES_MAX, RPC_NOTICES_MAX,
+    log, page_server_socket, Action, CgroupMode, CheckReport, CriuError, CriuVersion, Notice,
+    Target, EXIT_TIMEOUT, QUICK_TIMEOUT, RPC_FDS_PER_MESSAGE_MAX, RPC_MESSAGE_BYTES_MAX,
+    RPC_NOTICES_MAX,
 };
 
 /// The last bytes of CRIU's stderr kept for an error (CRIU writes there
@@ -51,6 +52,10 @@ const EXIT_POLL: Duration = Duration::from_millis(5);
 
 /// The notify script that comes with a file descriptor.
 pub const ORPHAN_PTS_MASTER: &str = "orphan-pts-master";
+
+/// The notify script of a page server (or lazy-pages daemon) that is ready
+/// for its client.
+pub const STATUS_READY: &str = "status-ready";
 
 /// One CRIU call: what it is about, and what its process needs.
 pub struct Call<'a> {
@@ -66,6 +71,9 @@ pub struct Call<'a> {
     pub join_cgroups: Vec<CString>,
     pub timeout: Duration,
     pub notices: Option<&'a Sender<Notice>>,
+    /// The TCP port of the lazy dump's page server, whose socket is made
+    /// to send at once when it is ready ([`page_server_socket`]).
+    pub page_server_port: Option<u16>,
 }
 
 impl Call<'_> {
@@ -80,6 +88,7 @@ impl Call<'_> {
             join_cgroups: Vec::new(),
             timeout: QUICK_TIMEOUT,
             notices: None,
+            page_server_port: None,
         }
     }
 }
@@ -172,6 +181,10 @@ pub fn call_on(started: Started, req: &Criu_req, call: &Call<'_>) -> Result<Repl
         if notice.script == ORPHAN_PTS_MASTER {
             pts_master = fds.into_iter().next();
         }
+        if let (STATUS_READY, Some(port)) = (notice.script.as_str(), call.page_server_port) {
+            // CRIU waits for our answer: no client has connected yet.
+            swrk.page_server_sends_at_once(port, call);
+        }
         tracing::debug!(action = %call.action, target = %call.target, script = %notice.script, "criu notice");
         if let Some(tx) = call.notices {
             // The caller may have stopped listening; the call goes on.
@@ -258,6 +271,23 @@ struct Swrk {
 }
 
 impl Swrk {
+    fn page_server_sends_at_once(&self, port: u16, call: &Call<'_>) {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return;
+        };
+        // A handshake that waits on delayed ACKs is slower, not wrong:
+        // the move goes on either way.
+        match page_server_socket::send_at_once(pid, port) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(target = %call.target, port, "criu's page server listens on no socket of its own");
+            }
+            Err(err) => {
+                tracing::warn!(target = %call.target, port, %err, "cannot turn Nagle's algorithm off on criu's page server");
+            }
+        }
+    }
+
     fn spawn(binary: &Path, call: &Call<'_>) -> Result<Swrk, CriuError> {
         let (ours, theirs) = socket::socketpair(
             AddressFamily::Unix,
@@ -465,7 +495,9 @@ impl Swrk {
         let deadline = Instant::now() + timeout;
         // Readable once CRIU has exited: its answer is then acted on at
         // once rather than up to a poll interval later.
-        let exited = pidfd_open(child.id());
+        let exited = i32::try_from(child.id())
+            .ok()
+            .and_then(|pid| crate::pidfd::open(pid).ok());
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
@@ -512,15 +544,6 @@ impl Drop for Swrk {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A pidfd for our child `pid`, or `None` where the kernel has none.
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Waits at most `timeout` (and at most a second) for `fd` to be readable.

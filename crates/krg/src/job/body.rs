@@ -512,9 +512,8 @@ pub async fn supervise(
                 match super::migrate::serve(&node, &ctl, &mut pumps, &mut status, &tx, cmd).await {
                     super::migrate::After::Stay => {}
                     super::migrate::After::Gone => {
-                        // Moved away or checkpointed and killed: no exit to report.
-                        pumps.abort();
-                        forget(&node, &ctl).await;
+                        // Moved away or checkpointed and killed, and
+                        // forgotten already: no exit to report.
                         return;
                     }
                     super::migrate::After::Replaced => {
@@ -548,13 +547,15 @@ pub async fn supervise(
     forget(&node, &ctl).await;
 }
 
-/// This node is done with the body: its record and its cgroup go.
-async fn forget(node: &Arc<Node>, ctl: &Arc<BodyCtl>) {
+/// This node is done with the body: its cgroup and its record go, in that
+/// order, so that a restore of the same job here, refused while the record
+/// is, cannot make the cgroup anew only to see it emptied.
+pub(super) async fn forget(node: &Arc<Node>, ctl: &Arc<BodyCtl>) {
     node.init_pool.refill();
+    let owned = ctl.clone();
+    let _ = tokio::task::spawn_blocking(move || owned.cgroup.remove()).await;
     node.jobs.bodies_remove(ctl.gpid);
     node.view_cache.set_caps(ctl.gpid, None);
-    let ctl = ctl.clone();
-    let _ = tokio::task::spawn_blocking(move || ctl.cgroup.remove()).await;
 }
 
 /// Time since the job started, for listings.

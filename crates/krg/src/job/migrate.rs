@@ -138,14 +138,26 @@ pub async fn serve(
             reply,
         } => {
             let (result, after) = migrate(node, ctl, pumps, status, tx, target, mode).await;
+            leave_if_gone(node, ctl, pumps, &after).await;
             let _ = reply.send(result);
             after
         }
         BodyCmd::Checkpoint { after, reply } => {
             let (result, then) = checkpoint(node, ctl, pumps, status, tx, after).await;
+            leave_if_gone(node, ctl, pumps, &then).await;
             let _ = reply.send(result);
             then
         }
+    }
+}
+
+/// A body gone from this node is forgotten before its caller hears of it:
+/// a job moved back here at once (or restarted here after `--kill`) makes
+/// a cgroup of the same name, which the old body's removal would empty.
+async fn leave_if_gone(node: &Arc<Node>, ctl: &Arc<BodyCtl>, pumps: &mut Pumps, after: &After) {
+    if matches!(after, After::Gone) {
+        pumps.abort();
+        super::body::forget(node, ctl).await;
     }
 }
 
@@ -450,7 +462,7 @@ async fn migrate(
             while let Ok(n) =
                 notice_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                if n.script == "status-ready" {
+                if n.script == crate::criu::rpc::STATUS_READY {
                     return true;
                 }
             }

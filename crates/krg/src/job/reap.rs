@@ -3,7 +3,6 @@
 //! statuses of children that other code waits for.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 
 /// How a process ended, as waitpid says.
@@ -11,16 +10,6 @@ use tokio::io::unix::AsyncFd;
 pub enum WaitStatus {
     Exited(i32),
     Signaled { signal: i32, core: bool },
-}
-
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn try_reap(pid: i32) -> io::Result<Option<WaitStatus>> {
@@ -48,7 +37,7 @@ fn try_reap(pid: i32) -> io::Result<Option<WaitStatus>> {
 /// Waits until `pid` exits and reaps it. The process must be (or become)
 /// our child; if someone else reaped it, `Ok(None)`.
 pub async fn wait(pid: i32) -> io::Result<Option<WaitStatus>> {
-    let fd = match pidfd_open(pid) {
+    let fd = match crate::pidfd::open(pid) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
         Err(e) => return Err(e),

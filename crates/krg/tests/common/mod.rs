@@ -607,3 +607,33 @@ impl Drop for Running {
         }
     }
 }
+
+/// Every directory below `dir` (not `dir` itself).
+pub fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                found.push(entry.path());
+                todo.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// The job cgroups (`krg-jobs/job-*`) below node K's cgroups.
+pub fn job_cgroups(lab: &Lab, k: u32) -> Vec<PathBuf> {
+    lab.cgroup_dirs(k)
+        .iter()
+        .flat_map(|d| subdirs(d))
+        .filter(|d| {
+            d.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("job-"))
+                && d.parent()
+                    .and_then(Path::file_name)
+                    .is_some_and(|p| p == "krg-jobs")
+        })
+        .collect()
+}
