@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::sys::socket::{
-    getsockname, getsockopt, setsockopt, sockopt, SockaddrLike, SockaddrStorage,
+    getsockname, getsockopt, setsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
 };
 
 use crate::pidfd;
@@ -34,8 +34,6 @@ pub fn send_at_once(pid: u32, port: u16) -> io::Result<bool> {
         .take(FDS_MAX)
         .flatten()
     {
-        let is_socket = fs::read_link(entry.path())
-            .is_ok_and(|target| target.as_os_str().as_bytes().starts_with(b"socket:"));
         let Some(fd) = entry
             .file_name()
             .to_str()
@@ -43,6 +41,8 @@ pub fn send_at_once(pid: u32, port: u16) -> io::Result<bool> {
         else {
             continue;
         };
+        let is_socket = fs::read_link(entry.path())
+            .is_ok_and(|target| target.as_os_str().as_bytes().starts_with(b"socket:"));
         if !is_socket {
             continue;
         }
@@ -66,8 +66,8 @@ fn listens_on(socket: &OwnedFd, port: u16) -> bool {
         return false;
     };
     let bound = match addr.family() {
-        Some(nix::sys::socket::AddressFamily::Inet) => addr.as_sockaddr_in().map(|a| a.port()),
-        Some(nix::sys::socket::AddressFamily::Inet6) => addr.as_sockaddr_in6().map(|a| a.port()),
+        Some(AddressFamily::Inet) => addr.as_sockaddr_in().map(|a| a.port()),
+        Some(AddressFamily::Inet6) => addr.as_sockaddr_in6().map(|a| a.port()),
         _ => None,
     };
     bound == Some(port)
