@@ -16,6 +16,12 @@ use std::time::{Duration, Instant};
 const V1_CONTROLLERS: [&str; 1] = ["freezer"];
 /// Time allowed for a job's processes to vanish before its cgroup is removed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed to the kernel to freeze or thaw a job (a fraction of a
+/// millisecond unless one of its processes sleeps where it cannot be
+/// frozen, such as a wait on a FUSE server).
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a freeze may take before the kernel is asked again.
+const REFREEZE_AFTER: Duration = Duration::from_millis(10);
 
 fn is_v2() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
@@ -127,36 +133,63 @@ impl JobCgroup {
             * page_size()
     }
 
-    /// Freezes or thaws every process of the job, and waits (up to 2 s)
-    /// until the kernel says it is done: a dump, or a look at the job's
-    /// descriptors, needs it still.
+    /// Freezes or thaws every process of the job, and waits (up to
+    /// [`FREEZE_TIMEOUT`]) until the kernel says it is done: a dump, or a
+    /// look at the job's descriptors, needs it still. A job that does not
+    /// freeze in time is thawed again and the error says so; one that does
+    /// not thaw in time is an error too. Blocks the calling thread.
     pub fn set_frozen(&self, frozen: bool) -> std::io::Result<()> {
-        let (control, value, state, done) = if self.v2 {
+        let (control, [freeze, thaw], state, done) = if self.v2 {
             let control = self.dir_with("cgroup.freeze");
             let events = self.dir_with("cgroup.events");
             let Some((control, events)) = control.zip(events) else {
                 return Err(std::io::Error::other("no cgroup.freeze"));
             };
             let done = if frozen { "frozen 1" } else { "frozen 0" };
-            (control, if frozen { "1" } else { "0" }, events, done)
+            (control, ["1", "0"], events, done)
         } else {
             let Some(p) = self.dir_with("freezer.state") else {
                 return Err(std::io::Error::other(
                     "the freezer controller is not available",
                 ));
             };
-            let want = if frozen { "FROZEN" } else { "THAWED" };
-            (p.clone(), want, p, want)
+            let done = if frozen { "FROZEN" } else { "THAWED" };
+            (p.clone(), ["FROZEN", "THAWED"], p, done)
         };
-        fs::write(&control, value)?;
-        let deadline = Instant::now() + Duration::from_secs(2);
+        fs::write(&control, if frozen { freeze } else { thaw })?;
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        let mut asked = Instant::now();
         let reached = || {
             fs::read_to_string(&state)
                 .unwrap_or_default()
                 .lines()
                 .any(|l| l.trim() == done)
         };
-        while !reached() && Instant::now() < deadline {
+        while !reached() {
+            if frozen && asked.elapsed() >= REFREEZE_AFTER {
+                // The v1 freezer stops each task once, when asked: one
+                // that was then on its way into a wait it can be frozen
+                // in (a shell's vfork, its child just frozen) is missed,
+                // and the cgroup stays FREEZING until asked again.
+                tracing::debug!(cgroup = %control.display(), "freeze asked again");
+                let _ = fs::write(&control, freeze);
+                asked = Instant::now();
+            }
+            if Instant::now() >= deadline {
+                if frozen {
+                    // Half frozen, the job would stay stopped: let it go.
+                    let _ = fs::write(&control, thaw);
+                }
+                let secs = FREEZE_TIMEOUT.as_secs();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    if frozen {
+                        format!("its processes did not all stop within {secs} s: one may be waiting on a device or a file system that does not answer")
+                    } else {
+                        format!("its processes did not all resume within {secs} s")
+                    },
+                ));
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
@@ -230,5 +263,120 @@ fn proc_ticks(pid: i32, with_children: bool) -> u64 {
         own + get(16) + get(17)
     } else {
         own
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Child, Command, Stdio};
+
+    /// A cgroup of its own (v1 freezer or v2), removed when dropped.
+    struct TestCgroup(JobCgroup);
+
+    impl TestCgroup {
+        fn make() -> Option<TestCgroup> {
+            let name = format!("krg-test-freeze-{}", std::process::id());
+            let dir = if is_v2() {
+                Path::new("/sys/fs/cgroup").join(name)
+            } else {
+                Path::new("/sys/fs/cgroup/freezer").join(name)
+            };
+            fs::create_dir(&dir).ok()?;
+            Some(TestCgroup(JobCgroup::existing(vec![dir])))
+        }
+    }
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = self.0.set_frozen(false);
+            self.0.signal_all(libc::SIGKILL);
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while !self.0.pids().is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = fs::remove_dir(&self.0.dirs[0]);
+        }
+    }
+
+    /// A FUSE mount whose server never answers, in a mount namespace of
+    /// its own, and two processes of `cgroup` stuck on it: one in a
+    /// lookup (a freezable wait, holding the directory's lock), one in a
+    /// mkdir waiting for that lock (an uninterruptible sleep the freezer
+    /// cannot stop). The mount's holder ends when its stdin closes, which
+    /// aborts the connection and lets both go.
+    fn stuck_on_fuse(cgroup: &JobCgroup) -> Child {
+        let procs = cgroup.dir_with("cgroup.procs").expect("cgroup.procs");
+        let script = format!(
+            r#"exec 3<>/dev/fuse
+mount -i -t fuse -o fd=3,rootmode=40000,user_id=0,group_id=0 krg-test /mnt || exit 1
+sh -c 'exec 3>&-; echo $$ > {procs}; exec stat /mnt/a' >/dev/null 2>&1 &
+n=0; until grep -q fuse /proc/$!/wchan 2>/dev/null || [ $n -ge 500 ]; do sleep 0.01; n=$((n+1)); done
+sh -c 'exec 3>&-; echo $$ > {procs}; exec mkdir /mnt/b' >/dev/null 2>&1 &
+echo mounted
+read _"#,
+            procs = procs.display()
+        );
+        let mut holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("unshare");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "mounted", "the FUSE mount was not made");
+        // Both in the cgroup, both asleep in the kernel.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let asleep = || {
+            let pids = cgroup.pids();
+            pids.len() == 2
+                && pids.iter().all(|p| {
+                    fs::read_to_string(format!("/proc/{p}/stat"))
+                        .ok()
+                        .and_then(|s| s.rfind(") D").map(|_| ()))
+                        .is_some()
+                })
+        };
+        while !asleep() {
+            assert!(Instant::now() < deadline, "the processes did not get stuck");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        holder
+    }
+
+    #[test]
+    fn a_job_that_cannot_freeze_is_reported_and_left_running() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
+            eprintln!("needs root and /dev/fuse; skipped");
+            return;
+        }
+        let Some(cg) = TestCgroup::make() else {
+            eprintln!("no freezer cgroup can be made here; skipped");
+            return;
+        };
+        let mut holder = stuck_on_fuse(&cg.0);
+
+        let err = cg.0.set_frozen(true).expect_err("a stuck job froze");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("did not all stop"), "{err}");
+        let (file, thawed) = if cg.0.v2 {
+            ("cgroup.freeze", "0")
+        } else {
+            ("freezer.state", "THAWED")
+        };
+        let state = fs::read_to_string(cg.0.dir_with(file).unwrap()).unwrap();
+        assert_eq!(state.trim(), thawed, "the job was left half frozen");
+
+        // Once the server is gone, both finish: nothing was left stopped.
+        holder.stdin.take().unwrap().write_all(b"\n").unwrap();
+        holder.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cg.0.pids().is_empty() {
+            assert!(Instant::now() < deadline, "the processes did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -862,7 +862,15 @@ async fn checkpoint(
     let result = pending_dump.await;
     let dump_ms = dump_started.elapsed().as_millis() as u64;
     let dumped = match result {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(outcome)) => {
+            if let Some(s) = outcome.stats {
+                tracing::debug!(gpid = %gpid, frozen_us = s.frozen_time.as_micros() as u64,
+                    memdump_us = s.memdump_time.as_micros() as u64,
+                    memwrite_us = s.memwrite_time.as_micros() as u64,
+                    pages = s.pages_written, "timing: checkpoint criu stats");
+            }
+            Ok(())
+        }
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     };

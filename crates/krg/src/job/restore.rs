@@ -48,8 +48,14 @@ async fn restore_here_inner(
     let gpid = job.spec.gpid;
     let me = node.id;
     tracing::debug!(gpid = %gpid, "timing: restore asked");
-    if node.jobs.body(gpid).is_some() {
-        return Err(refused(format!("job {gpid} already runs on node {me}")));
+    if let Some(body) = node.jobs.body(gpid) {
+        // A job moved away with post-copy keeps its body here until its
+        // last page has left.
+        return Err(refused(if body.frozen.load(Ordering::SeqCst) {
+            format!("job {gpid} is still leaving node {me} (a move or checkpoint of it is under way); try again once it is done")
+        } else {
+            format!("job {gpid} already runs on node {me}")
+        }));
     }
     let cgroup = tokio::task::block_in_place(|| JobCgroup::create(&super::body::cgroup_name(gpid)))
         .map_err(|e| {
