@@ -111,6 +111,16 @@ fn copy_workload(scratch: &Scratch, name: &str) -> String {
     to.to_str().expect("utf-8 path").to_string()
 }
 
+/// migration_memory.py (copied to `memory`) holding `mib` MiB under `krg
+/// run` on node 1, once it says `ready`; with its gpid.
+fn memory_job(lab: &Lab, memory: &str, mib: u32) -> (Running, String) {
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} {mib}");
+    let mut job = krg_run(lab, 1, &["sh", "-c", &script], false);
+    let gpid = job.gpid();
+    job.expect_line(|l| l.starts_with("ready"), "ready");
+    (job, gpid)
+}
+
 /// Compile tests/workloads/NAME.c into `scratch` with `cc -pthread`.
 fn compile_workload(scratch: &Scratch, name: &str) -> String {
     let source = copy_workload(scratch, &format!("{name}.c"));
@@ -469,10 +479,7 @@ fn lab_migration_back_to_the_node_it_just_left() {
     let Some(lab) = lab_up() else { return };
     let scratch = new_scratch("pingpong");
     let memory = copy_workload(&scratch, "migration_memory.py");
-    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 256");
-    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], false);
-    let gpid = job.gpid();
-    job.expect_line(|l| l.starts_with("ready"), "ready");
+    let (mut job, gpid) = memory_job(&lab, &memory, 256);
     let mut at = 1;
     for i in 0..10u32 {
         let target = 3 - at;
@@ -848,10 +855,7 @@ fn move_to_dying_node(lab: &Lab, memory: &str, when: KillWhen) {
 }
 
 fn move_to_dying_node_in(lab: &Lab, memory: &str, when: KillWhen, mode: &str) {
-    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 200");
-    let mut job = krg_run(lab, 1, &["sh", "-c", &script], false);
-    let gpid = job.gpid();
-    job.expect_line(|l| l.starts_with("ready"), "ready");
+    let (mut job, gpid) = memory_job(lab, memory, 200);
     job.expect_line(|l| l.starts_with("t "), "a timestamp");
     let mover = {
         let command = krg_cmd(lab, 1, &["migrate", &gpid, "2", "--mode", mode]);
@@ -952,10 +956,7 @@ fn lab_migration_target_dies_during_post_copy() {
     let Some(lab) = lab_up() else { return };
     let scratch = new_scratch("postcopy");
     let memory = copy_workload(&scratch, "migration_memory.py");
-    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} {memory} 400");
-    let mut job = krg_run(&lab, 1, &["sh", "-c", &script], false);
-    let gpid = job.gpid();
-    job.expect_line(|l| l.starts_with("ready"), "ready");
+    let (mut job, gpid) = memory_job(&lab, &memory, 400);
     job.expect_line(|l| l.starts_with("t "), "a timestamp");
 
     // On a quiet machine 400 MiB of pages move in a fraction of a second,

@@ -10,9 +10,8 @@
 //! `status-ready` notice with its page server listening and no client
 //! yet, and a socket accepted from a listener inherits its TCP_NODELAY.
 
-use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::sys::socket::{
@@ -30,20 +29,8 @@ const FDS_MAX: usize = 4096;
 pub fn send_at_once(pid: u32, port: u16) -> io::Result<bool> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     let process = pidfd::open(pid)?;
-    for entry in fs::read_dir(format!("/proc/{pid}/fd"))?
-        .take(FDS_MAX)
-        .flatten()
-    {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        let is_socket = fs::read_link(entry.path())
-            .is_ok_and(|target| target.as_os_str().as_bytes().starts_with(b"socket:"));
-        if !is_socket {
+    for (fd, target) in crate::proc_fds::open_fds(pid).take(FDS_MAX) {
+        if !target.as_os_str().as_bytes().starts_with(b"socket:") {
             continue;
         }
         // Closed since the directory was read, or not ours to take.

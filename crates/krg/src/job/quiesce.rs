@@ -107,12 +107,7 @@ fn same_address_space(a: i32, b: i32) -> bool {
 
 /// Has process `pid` a descriptor open on a file under `dir`?
 fn holds_file_under(pid: i32, dir: &Path) -> bool {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .any(|target| target.starts_with(dir))
+    crate::proc_fds::open_fds(pid).any(|(_, target)| target.starts_with(dir))
 }
 
 #[cfg(test)]
