@@ -121,6 +121,32 @@ fn memory_job(lab: &Lab, memory: &str, mib: u32) -> (Running, String) {
     (job, gpid)
 }
 
+/// Compile tests/workloads/NAME.java into `scratch` with `javac`; `None`
+/// when there is no JDK here (Debian's default-jdk-headless).
+fn compile_java(scratch: &Scratch, name: &str) -> Option<()> {
+    if !Path::new("/usr/bin/javac").exists() || !Path::new("/usr/bin/java").exists() {
+        return None;
+    }
+    let source = copy_workload(scratch, &format!("{name}.java"));
+    let out = Command::new("/usr/bin/javac")
+        .arg("-d")
+        .arg(scratch.path())
+        .arg(&source)
+        .output()
+        .expect("javac runs");
+    assert!(
+        out.status.success(),
+        "javac {source}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::set_permissions(
+        scratch.join(&format!("{name}.class")),
+        fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    Some(())
+}
+
 /// Compile tests/workloads/NAME.c into `scratch` with `cc -pthread`.
 fn compile_workload(scratch: &Scratch, name: &str) -> String {
     let source = copy_workload(scratch, &format!("{name}.c"));
@@ -562,24 +588,31 @@ fn run_program(lab: &Lab, program: &Program, moves: bool) -> (i32, Vec<String>) 
     (code, kept)
 }
 
-/// Goal: a multi-threaded program, a process tree with a pipeline and a
-/// Python process holding 200 MiB each give after migration exactly what
-/// they give without it. Method: each runs once on node 1 unmoved, then
-/// again moved twice while it works (stop 1 → 2, lazy 2 → 3, as soon as it
+/// Goal: a multi-threaded program, a process tree with a pipeline, one
+/// with SysV IPC and a Unix socket between its processes, a Python process
+/// holding 200 MiB and a JVM each give after migration exactly what they
+/// give without it. Method: each runs once on node 1 unmoved, then again
+/// moved twice while it works (stop 1 → 2, lazy 2 → 3, as soon as it
 /// prints `ready`): same exit status, same output. The programs: 8 threads
 /// adding into 16 shared counters under a mutex and an atomic total
 /// (migration_threads.c, about 2 s); `seq | while read; sleep | awk |
-/// sha256sum` (about 4 s); migration_memory.py with 200 MiB, rewriting
-/// 10 MiB/s of it for 400 ticks of 10 ms, then printing its sha256.
+/// sha256sum` (about 4 s); a parent and its child adding into a SysV
+/// shared counter under a SysV semaphore, in turns over a socket pair
+/// (migration_ipc.c, about 3 s); migration_memory.py with 200 MiB,
+/// rewriting 10 MiB/s of it for 400 ticks of 10 ms, then printing its
+/// sha256; 4 JVM threads adding into a table under a lock
+/// (MigrationJvm.java, about 3 s; left out without a JDK).
 #[test]
 fn lab_migration_programs_give_the_same_output() {
     let Some(lab) = lab_up() else { return };
     let scratch = new_scratch("same");
     let threads = compile_workload(&scratch, "migration_threads");
+    let ipc = compile_workload(&scratch, "migration_ipc");
     let memory = copy_workload(&scratch, "migration_memory.py");
+    let jvm = compile_java(&scratch, "MigrationJvm");
     let pipeline = "echo ready; seq 1 300 | while read x; do echo $x $((x * x)); sleep 0.01; done \
                     | awk '{ s += $2; print $1, s }' | sha256sum";
-    let programs = [
+    let mut programs = vec![
         Program {
             name: "8 threads",
             argv: vec![threads],
@@ -591,6 +624,11 @@ fn lab_migration_programs_give_the_same_output() {
             keep: |_| true,
         },
         Program {
+            name: "SysV IPC and a socket pair",
+            argv: vec![ipc],
+            keep: |_| true,
+        },
+        Program {
             name: "200 MiB",
             argv: [PYTHON, memory.as_str(), "200", "10", "400"]
                 .map(String::from)
@@ -598,6 +636,21 @@ fn lab_migration_programs_give_the_same_output() {
             keep: |l| !l.starts_with("t "),
         },
     ];
+    match jvm {
+        Some(()) => programs.push(Program {
+            name: "JVM",
+            argv: [
+                "/usr/bin/java",
+                "-cp",
+                scratch.path().to_str().expect("utf-8"),
+                "MigrationJvm",
+            ]
+            .map(String::from)
+            .to_vec(),
+            keep: |_| true,
+        }),
+        None => eprintln!("no JDK (/usr/bin/javac): the JVM is left out"),
+    }
     for program in &programs {
         step(&format!("{}: unmoved", program.name));
         let (code, expected) = run_program(&lab, program, false);
