@@ -589,8 +589,9 @@ fn run_program(lab: &Lab, program: &Program, moves: bool) -> (i32, Vec<String>) 
 }
 
 /// Goal: a multi-threaded program, a process tree with a pipeline, one
-/// with SysV IPC and a Unix socket between its processes, a Python process
-/// holding 200 MiB and a JVM each give after migration exactly what they
+/// with SysV IPC and a Unix socket between its processes, one with files
+/// open on a shared file system, a Python process holding 200 MiB and a
+/// JVM each give after migration exactly what they
 /// give without it. Method: each runs once on node 1 unmoved, then again
 /// moved twice while it works (stop 1 → 2, lazy 2 → 3, as soon as it
 /// prints `ready`): same exit status, same output. The programs: 8 threads
@@ -598,7 +599,10 @@ fn run_program(lab: &Lab, program: &Program, moves: bool) -> (i32, Vec<String>) 
 /// (migration_threads.c, about 2 s); `seq | while read; sleep | awk |
 /// sha256sum` (about 4 s); a parent and its child adding into a SysV
 /// shared counter under a SysV semaphore, in turns over a socket pair
-/// (migration_ipc.c, about 3 s); migration_memory.py with 200 MiB,
+/// (migration_ipc.c, about 3 s); a Python process reading one file and
+/// writing another, both open on the file system the nodes share, then
+/// printing the offsets and the sha256 of what it wrote
+/// (migration_files.py, about 3 s); migration_memory.py with 200 MiB,
 /// rewriting 10 MiB/s of it for 400 ticks of 10 ms, then printing its
 /// sha256; 4 JVM threads adding into a table under a lock
 /// (MigrationJvm.java, about 3 s; left out without a JDK).
@@ -609,6 +613,7 @@ fn lab_migration_programs_give_the_same_output() {
     let threads = compile_workload(&scratch, "migration_threads");
     let ipc = compile_workload(&scratch, "migration_ipc");
     let memory = copy_workload(&scratch, "migration_memory.py");
+    let files = copy_workload(&scratch, "migration_files.py");
     let jvm = compile_java(&scratch, "MigrationJvm");
     let pipeline = "echo ready; seq 1 300 | while read x; do echo $x $((x * x)); sleep 0.01; done \
                     | awk '{ s += $2; print $1, s }' | sha256sum";
@@ -626,6 +631,17 @@ fn lab_migration_programs_give_the_same_output() {
         Program {
             name: "SysV IPC and a socket pair",
             argv: vec![ipc],
+            keep: |_| true,
+        },
+        Program {
+            name: "files open on the shared file system",
+            argv: [
+                PYTHON,
+                files.as_str(),
+                scratch.path().to_str().expect("utf-8"),
+            ]
+            .map(String::from)
+            .to_vec(),
             keep: |_| true,
         },
         Program {
