@@ -21,6 +21,6 @@ pub mod peer;
 pub mod pidfd;
 pub mod policy;
 pub mod probe;
-pub mod proc_fds;
+pub mod procfs;
 pub mod view;
 pub mod wire;

@@ -121,6 +121,26 @@ fn memory_job(lab: &Lab, memory: &str, mib: u32) -> (Running, String) {
     (job, gpid)
 }
 
+/// `krg kill` of `gpid` from node `from`: the `krg run` of `job` must end
+/// with 143 (SIGTERM), as a shell reports it; its output lines.
+fn kill_ends_with_143(
+    lab: &Lab,
+    from: u32,
+    gpid: &str,
+    job: &mut Running,
+    what: &str,
+) -> Vec<String> {
+    krg_ok(lab, from, &["kill", gpid]);
+    let (status, lines) = job.finish(WAIT);
+    assert_eq!(
+        exit_code(status, what, job),
+        143,
+        "stderr: {:?}",
+        job.stderr()
+    );
+    lines
+}
+
 /// Compile tests/workloads/NAME.java into `scratch` with `javac`; `None`
 /// when there is no JDK here (Debian's default-jdk-headless).
 fn compile_java(scratch: &Scratch, name: &str) -> Option<()> {
@@ -438,14 +458,7 @@ fn lab_migration_sequence_survives_twenty_moves() {
     wait_running_on(&lab, 1, &gpid, 3);
     let last = numbers(job.drain()).last().copied().unwrap_or(0);
     expect_count(&mut job, last + 10);
-    krg_ok(&lab, 2, &["kill", &gpid]);
-    let (status, lines) = job.finish(WAIT);
-    assert_eq!(
-        exit_code(status, "krg kill", &job),
-        143,
-        "stderr: {:?}",
-        job.stderr()
-    );
+    let lines = kill_ends_with_143(&lab, 2, &gpid, &mut job, "krg kill");
     assert_consecutive(&numbers(&lines), 0, "the second ticker's numbers");
 }
 
@@ -537,14 +550,7 @@ fn lab_migration_back_to_the_node_it_just_left() {
         }
     })
     .unwrap();
-    krg_ok(&lab, 1, &["kill", &gpid]);
-    let (status, _) = job.finish(WAIT);
-    assert_eq!(
-        exit_code(status, "256 MiB job", &job),
-        143,
-        "stderr: {:?}",
-        job.stderr()
-    );
+    kill_ends_with_143(&lab, 1, &gpid, &mut job, "256 MiB job");
 }
 
 /// One program run without and with migrations: its output must match.
@@ -880,14 +886,7 @@ fn lab_migration_refused_tcp_and_dead_target() {
     let last = numbers(job.drain()).last().copied().unwrap_or(0);
     expect_count(&mut job, last + 20);
     wait_running_on(&lab, 2, &gpid, 1);
-    krg_ok(&lab, 1, &["kill", &gpid]);
-    let (status, lines) = job.finish(WAIT);
-    assert_eq!(
-        exit_code(status, "tcp job", &job),
-        143,
-        "stderr: {:?}",
-        job.stderr()
-    );
+    let lines = kill_ends_with_143(&lab, 1, &gpid, &mut job, "tcp job");
     assert_consecutive(&numbers(&lines), 0, "the TCP job's numbers");
 
     step("node 2 killed while a 200 MiB job is dumped for it");
@@ -964,14 +963,7 @@ fn move_to_dying_node_in(lab: &Lab, memory: &str, when: KillWhen, mode: &str) {
     thread::sleep(Duration::from_millis(300));
     let t1 = job.drain().iter().filter(|l| l.starts_with("t ")).count();
     assert!(t1 > t0 + 5, "its timestamps come again ({t0} then {t1})");
-    krg_ok(lab, 1, &["kill", &gpid]);
-    let (status, _) = job.finish(WAIT);
-    assert_eq!(
-        exit_code(status, "200 MiB job", &job),
-        143,
-        "stderr: {:?}",
-        job.stderr()
-    );
+    kill_ends_with_143(lab, 1, &gpid, &mut job, "200 MiB job");
 }
 
 /// Whether a process named `criu` runs in node K's cgroups.
@@ -1099,14 +1091,7 @@ fn lab_migration_target_dies_during_post_copy() {
         )
     });
     wait_running_on(&lab, 1, &gpid, 1);
-    krg_ok(&lab, 1, &["kill", &gpid]);
-    let (status, _) = job.finish(WAIT);
-    assert_eq!(
-        exit_code(status, "400 MiB job", &job),
-        143,
-        "stderr: {:?}",
-        job.stderr()
-    );
+    kill_ends_with_143(&lab, 1, &gpid, &mut job, "400 MiB job");
 }
 
 /// Whether a lazy move of `gpid` still serves pages: its source keeps the

@@ -29,7 +29,7 @@ const FDS_MAX: usize = 4096;
 pub fn send_at_once(pid: u32, port: u16) -> io::Result<bool> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     let process = pidfd::open(pid)?;
-    for (fd, target) in crate::proc_fds::open_fds(pid).take(FDS_MAX) {
+    for (fd, target) in crate::procfs::open_fds(pid).take(FDS_MAX) {
         if !target.as_os_str().as_bytes().starts_with(b"socket:") {
             continue;
         }

@@ -245,14 +245,11 @@ fn page_size() -> u64 {
 
 /// utime + stime of a process (and, for the job's init, what it reaped).
 fn proc_ticks(pid: i32, with_children: bool) -> u64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(rest) = crate::procfs::stat_after_name(pid) else {
         return 0;
     };
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0;
-    };
-    // After the command name: state is field 3; utime 14, stime 15,
-    // cutime 16, cstime 17 (1-based, as in proc(5)).
+    // From the state, field 3: utime 14, stime 15, cutime 16, cstime 17
+    // (1-based, as in proc(5)).
     let f: Vec<u64> = rest
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(0))

@@ -195,7 +195,7 @@ pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
     // few sockets there are.
     let mut tcp: Option<Vec<(String, String)>> = None;
     for pid in ctl.cgroup.pids() {
-        for (_, target) in crate::proc_fds::open_fds(pid) {
+        for (_, target) in crate::procfs::open_fds(pid) {
             let t = target.to_string_lossy();
             if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
                 let tcp = tcp.get_or_insert_with(tcp_sockets);

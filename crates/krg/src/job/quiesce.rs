@@ -83,10 +83,12 @@ fn in_vfork(pids: &[i32]) -> Option<(i32, i32)> {
 }
 
 fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name (which may hold spaces): state, then ppid.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    // The state, then the ppid.
+    crate::procfs::stat_after_name(pid)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn same_address_space(a: i32, b: i32) -> bool {
@@ -107,7 +109,7 @@ fn same_address_space(a: i32, b: i32) -> bool {
 
 /// Has process `pid` a descriptor open on a file under `dir`?
 fn holds_file_under(pid: i32, dir: &Path) -> bool {
-    crate::proc_fds::open_fds(pid).any(|(_, target)| target.starts_with(dir))
+    crate::procfs::open_fds(pid).any(|(_, target)| target.starts_with(dir))
 }
 
 #[cfg(test)]

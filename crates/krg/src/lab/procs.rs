@@ -23,9 +23,7 @@ const PIPE_DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// A process's state letter and start time (field 22 of /proc/PID/stat, in
 /// clock ticks after boot), or `None` if there is no such process.
 fn stat(pid: u32) -> Option<(char, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold anything.
-    let after_name = &text[text.rfind(')')? + 1..];
+    let after_name = crate::procfs::stat_after_name(pid)?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let state = fields.first()?.chars().next()?;
     let start_time = fields.get(19)?.parse().ok()?;

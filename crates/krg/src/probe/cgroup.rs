@@ -139,12 +139,6 @@ pub fn runnable_tasks() -> u32 {
 }
 
 pub fn task_is_running(tid: &str) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{tid}/stat")) else {
-        return false;
-    };
-    // The state follows the command name, which is in parentheses and may
-    // itself contain spaces or parentheses.
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-        .is_some_and(|s| s == "R")
+    crate::procfs::stat_after_name(tid)
+        .is_some_and(|rest| rest.split_whitespace().next() == Some("R"))
 }
