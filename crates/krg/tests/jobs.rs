@@ -1351,53 +1351,78 @@ fn lab_jobs_node_death_is_reported() {
     assert_nothing_left(&lab, &[1, 2]);
 }
 
-/// A mount of this machine's, undone even when the test fails.
-struct Mounted(PathBuf);
+/// A mount made in a node's mount namespace (its `krgd`'s: lab nodes have
+/// their own, see `Lab::local_dir`), undone even when the test fails.
+struct Mounted {
+    daemon: u32,
+    dir: PathBuf,
+}
 
 impl Mounted {
-    fn tmpfs(dir: &Path) -> Mounted {
-        fs::create_dir_all(dir).expect("mount point");
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "krg-test"])
-            .arg(dir)
-            .status()
-            .expect("mount runs");
-        assert!(st.success(), "mount -t tmpfs on {}", dir.display());
-        Mounted(dir.to_path_buf())
+    fn tmpfs(daemon: u32, dir: &Path) -> Mounted {
+        let mounted = Mounted {
+            daemon,
+            dir: dir.to_path_buf(),
+        };
+        fs::create_dir_all(mounted.reach(dir)).expect("mount point");
+        mounted.mount(&["-t", "tmpfs", "krg-test"]);
+        mounted
+    }
+
+    /// `mount ARGS DIR` in the node's mount namespace.
+    fn mount(&self, args: &[&str]) {
+        let st = self.in_node("mount").args(args).arg(&self.dir).status();
+        assert!(
+            st.expect("nsenter runs").success(),
+            "mount {args:?} {} on the node",
+            self.dir.display()
+        );
+    }
+
+    fn in_node(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.daemon))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// `path`, below this mount, as this process reaches it: through the
+    /// node's root (`/proc/PID/root` is in that process's namespace).
+    fn reach(&self, path: &Path) -> PathBuf {
+        let relative = path.strip_prefix("/").expect("an absolute path");
+        PathBuf::from(format!("/proc/{}/root", self.daemon)).join(relative)
     }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = self.in_node("umount").arg("-l").arg(&self.dir).status();
     }
 }
 
 /// Goal: a file system mounted on the node while krgd runs is there for
 /// the next job, as for any process started after the mount. krgd keeps a
 /// krg-init waiting for the next job (its namespaces made ahead); its mount
-/// namespace must go on following the node's. Method: a tmpfs made a
-/// shared mount point (this machine's root is private, so only what is
-/// under a shared mount propagates); one job, so that an init made since
-/// waits; then a second tmpfs mounted inside the first, with a file, and
-/// `krg run --node 1 cat` of that file (it fails if the waiting init's
-/// mounts stop following the node's).
+/// namespace must go on following the node's. Method: in node 1's mount
+/// namespace (its krgd's), a tmpfs made a shared mount point (this
+/// machine's root is private, so only what is under a shared mount
+/// propagates); one job, so that an init made since waits; then a second
+/// tmpfs mounted inside the first, with a file, and `krg run --node 1 cat`
+/// of that file (it fails if the waiting init's mounts stop following the
+/// node's).
 #[test]
 fn lab_jobs_see_mounts_made_while_krgd_runs() {
     let Some(lab) = lab_up() else { return };
     let scratch = new_scratch("mounts");
-    let outer = Mounted::tmpfs(&scratch.join("shared"));
-    let st = Command::new("mount")
-        .arg("--make-shared")
-        .arg(&outer.0)
-        .status()
-        .expect("mount runs");
-    assert!(st.success(), "mount --make-shared");
+    let daemon = daemon_pid(&lab, 1);
+    let outer = Mounted::tmpfs(daemon, &scratch.join("shared"));
+    outer.mount(&["--make-shared"]);
     // This job takes the init made when krgd started; the next one, made
     // as it ends, has the shared tmpfs.
     let first = run(krg_cmd(&lab, 1, &["run", "--node", "1", "true"]));
     assert!(first.status.success(), "{}", show(&first));
-    let daemon = daemon_pid(&lab, 1);
     lab::wait_until(WAIT, "an init waiting for the next job on node 1", || {
         let waiting = children_of(daemon).into_iter().any(is_waiting_init);
         waiting.then_some(()).ok_or("none yet")
@@ -1405,9 +1430,9 @@ fn lab_jobs_see_mounts_made_while_krgd_runs() {
     .unwrap();
 
     step("a tmpfs mounted now, with a file");
-    let late = Mounted::tmpfs(&outer.0.join("late"));
-    fs::write(late.0.join("hello"), "mounted after krgd started\n").expect("write");
-    let file = late.0.join("hello");
+    let late = Mounted::tmpfs(daemon, &outer.dir.join("late"));
+    let file = late.dir.join("hello");
+    fs::write(late.reach(&file), "mounted after krgd started\n").expect("write");
     let out = run(krg_cmd(
         &lab,
         1,

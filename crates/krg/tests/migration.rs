@@ -4,7 +4,8 @@
 //! status); threads, a pipeline and 200 MiB of memory giving after a move
 //! exactly what they give without one; checkpoint, restart on another node
 //! and restart of an older version; refusals (an outside TCP connection,
-//! another user) and a target that dies in the middle of a move.
+//! a file only the source node has, another user) and a target that dies
+//! in the middle of a move.
 //!
 //! Each test makes its own lab (unique name `m<pid>x<n>`, about a second to
 //! build) and runs its cases one after another on it, each case with jobs
@@ -903,6 +904,74 @@ fn lab_migration_refused_tcp_and_dead_target() {
     // death may already have ended: it hung in CI).
     step("node 2 killed while it restores a 200 MiB job moved lazily");
     move_to_dying_node_in(&lab, &memory, KillWhen::Restoring, "lazy");
+}
+
+/// Goal: a job using a file only its node has is refused before anything
+/// is frozen, naming the file, and goes on untouched; one whose file the
+/// target has alike moves. Method: each lab node has a directory of its own
+/// at the same path (`Lab::local_dir`, a tmpfs in the node's mount
+/// namespace); a job on node 1 writes `data\n` there, keeps it open and
+/// counts every 10 ms. The file is not on the host. `krg migrate` to node
+/// 2 fails with `it has PATH open, which node 2 does not have`; after a job
+/// on node 2 wrote another file of that name, with `which is another file
+/// on node 2 (11 bytes there, 5 here)`; the numbers keep coming, `krg ps`
+/// shows node 1. Once node 3 has the same 5 bytes there, the move to node
+/// 3 succeeds, the job goes on counting there and ends with 143.
+#[test]
+fn lab_migration_a_file_only_the_source_node_has_is_refused() {
+    let Some(lab) = lab_up() else { return };
+    let file = lab.local_dir().join("data");
+    let file = file.to_str().expect("utf-8 path").to_string();
+    let counter = "import os, time\n\
+                   i = 0\n\
+                   while True:\n    os.write(1, b'%d\\n' % i)\n    i += 1\n    time.sleep(0.01)\n";
+    let script = format!(
+        "echo gpid $KRG_GPID; echo data > {file} && exec 3<{file} && exec {PYTHON} -c \"$0\""
+    );
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script, counter], false);
+    let gpid = job.gpid();
+    expect_count(&mut job, 10);
+    assert!(
+        !Path::new(&file).exists(),
+        "{file} is node 1's: the host does not see it"
+    );
+
+    step("a file node 2 does not have");
+    let out = krg(&lab, 1, &["migrate", &gpid, "2"]);
+    let err = krg_refused(&out, "migration of a job with a file of node 1's own");
+    assert_eq!(
+        err,
+        format!("krg: cannot migrate job {gpid}: it has {file} open, which node 2 does not have\n")
+    );
+
+    step("another file of that name on node 2");
+    let other = format!("printf 'other data\\n' > {file}");
+    krg_ok(&lab, 1, &["run", "--node", "2", "sh", "-c", &other]);
+    let out = krg(&lab, 1, &["migrate", &gpid, "2", "--mode", "stop"]);
+    let err = krg_refused(&out, "migration to a node whose file differs");
+    assert_eq!(
+        err,
+        format!(
+            "krg: cannot migrate job {gpid}: it has {file} open, which is another file on node 2 (11 bytes there, 5 here)\n"
+        )
+    );
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    expect_count(&mut job, last + 20);
+    wait_running_on(&lab, 2, &gpid, 1);
+
+    step("node 3 has the same file: the job moves");
+    let same = format!("echo data > {file}");
+    krg_ok(&lab, 1, &["run", "--node", "3", "sh", "-c", &same]);
+    migrate(&lab, 1, &gpid, 3, "stop");
+    wait_running_on(&lab, 1, &gpid, 3);
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    expect_count(&mut job, last + 20);
+    let lines = kill_ends_with_143(&lab, 1, &gpid, &mut job, "job with a node-local file");
+    assert_consecutive(
+        &numbers(&lines),
+        0,
+        "the numbers of the job with a node-local file",
+    );
 }
 
 /// When `move_to_dying_node` kills the target.

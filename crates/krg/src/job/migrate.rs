@@ -3,7 +3,7 @@
 //! On the source node the body's supervisor serves [`BodyCmd`]s:
 //!
 //! 1. refuse before anything is frozen if the job cannot move (a TCP
-//!    connection, a device, its capabilities);
+//!    connection, a device, its capabilities, a file the target lacks);
 //! 2. tell the deputy side `Moving`; it answers `Hold` and holds back every
 //!    later frame (stdin, signals), so nothing is in flight;
 //! 3. freeze the job's cgroup, send up everything it wrote, take back the
@@ -214,6 +214,51 @@ pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
     None
 }
 
+/// How long a target may take to say which of a job's files it lacks.
+const FILES_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refuses a move to `target` if it lacks a file the job uses (see
+/// [`super::needed_files`]).
+async fn target_has_files(
+    node: &Arc<Node>,
+    ctl: &BodyCtl,
+    target: NodeId,
+    addr: &str,
+) -> Result<(), RemoteError> {
+    let pids = ctl.cgroup.pids();
+    let files = tokio::task::spawn_blocking(move || super::needed_files::of_processes(&pids))
+        .await
+        .map_err(|e| internal(format!("cannot list the files of job {}: {e}", ctl.gpid)))?;
+    let asked = node
+        .peers
+        .call(
+            target,
+            addr,
+            PeerRequest::NeededFiles(files),
+            FILES_CHECK_TIMEOUT,
+        )
+        .await;
+    match asked {
+        Ok(PeerResponse::FileMismatches(found)) => {
+            match super::needed_files::refusal(ctl.gpid, target, &found) {
+                Some(why) => Err(refused(why)),
+                None => Ok(()),
+            }
+        }
+        Ok(_) => Err(internal(format!(
+            "node {target} answered the check of job {}'s files with something else",
+            ctl.gpid
+        ))),
+        Err(e) => Err(RemoteError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "cannot migrate job {}: node {target} did not say whether it has the job's files: {e}",
+                ctl.gpid
+            ),
+        )),
+    }
+}
+
 fn allowed_device(path: &str) -> bool {
     matches!(
         path,
@@ -397,6 +442,7 @@ async fn migrate(
             return Err(refused(why));
         }
         ready(ctl, "migrate").await?;
+        target_has_files(node, ctl, target, &rec.addr).await?;
         Ok((rec.addr, resolve_mode(mode)?))
     };
     let (target_addr, mode) = match checks.await {

@@ -17,6 +17,7 @@ pub mod home;
 pub mod init_pool;
 pub mod link;
 pub mod migrate;
+pub mod needed_files;
 pub mod ops;
 pub mod place;
 pub mod quiesce;

@@ -231,6 +231,10 @@ fn render(status: &LabStatus) -> String {
         status.nodes.len(),
         status.dir.display()
     );
+    out.push_str(&format!(
+        "each node's own directory: {}\n",
+        status.local_dir.display()
+    ));
     out.push_str("node  address          host         krgd pid  daemon  link\n");
     for node in &status.nodes {
         let pid = node

@@ -1,4 +1,5 @@
-//! Entering a node: its network and UTS namespaces and its cgroup.
+//! Entering a node: its network and UTS namespaces and its cgroup (and, for
+//! its daemon, a mount namespace of its own: see `local_dir.rs`).
 //!
 //! The namespace files and cgroup.procs files are opened before fork, so the
 //! hook that runs between fork and exec (`pre_exec`) makes only
@@ -16,6 +17,7 @@ use std::thread;
 use anyhow::{anyhow, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
+use super::local_dir::OwnMounts;
 use super::names::{netns_path, Names};
 
 /// What a process needs to become part of node K, opened ahead of time.
@@ -26,6 +28,7 @@ pub struct Entry {
     /// cgroup.procs of each of the node's cgroups.
     procs: Vec<OwnedFd>,
     setsid: bool,
+    own_mounts: Option<OwnMounts>,
 }
 
 impl Entry {
@@ -47,12 +50,20 @@ impl Entry {
             uts,
             procs: opened,
             setsid: false,
+            own_mounts: None,
         })
     }
 
     /// Also start a new session (for daemons, detached from the caller).
     pub fn with_setsid(mut self) -> Entry {
         self.setsid = true;
+        self
+    }
+
+    /// Also give the process the node's own local directory (for its
+    /// daemon, whose jobs inherit it).
+    pub fn with_own_mounts(mut self, mounts: OwnMounts) -> Entry {
+        self.own_mounts = Some(mounts);
         self
     }
 
@@ -74,6 +85,9 @@ impl Entry {
             .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
         setns(&self.uts, CloneFlags::CLONE_NEWUTS)
             .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+        if let Some(mounts) = &self.own_mounts {
+            mounts.enter()?;
+        }
         if self.setsid {
             nix::unistd::setsid().map_err(|e| io::Error::from_raw_os_error(e as i32))?;
         }

@@ -13,6 +13,10 @@
 //!   krg-x-n3 [eth0 10.213.i.3]──veth──┘   (cut K = its port down)
 //! ```
 //!
+//! The nodes share this machine's file system, except `<lab>/local`: each
+//! node's `krgd` and its jobs see a tmpfs of that node's own there, as a
+//! real node has its /tmp or local disk (see [`local_dir`]).
+//!
 //! Everything made is listed in `/run/krg-lab/<lab>/lab.json`; removal works
 //! from that record, and without it from the names alone, so a lab left
 //! half-made by a crash is still removed by `krg lab down`.
@@ -28,6 +32,7 @@ mod cgroup;
 pub mod cli;
 pub mod demo;
 mod enter;
+mod local_dir;
 pub mod names;
 mod net;
 mod procs;
@@ -175,6 +180,8 @@ pub struct LabStatus {
     pub index: u8,
     pub subnet: String,
     pub dir: PathBuf,
+    /// Where each node has a directory of its own.
+    pub local_dir: PathBuf,
     pub nodes: Vec<NodeStatus>,
 }
 
@@ -278,6 +285,7 @@ impl Lab {
             names::subnet(index),
             options.nodes
         ));
+        local_dir::prepare(&self.names.dir(), &self.names.local_dir())?;
         // Like /run/krg on a real node: every user reaches the socket (each
         // request is authorised by krgd); state and images stay private.
         make_dir(&self.names.images_dir(), 0o711)?;
@@ -467,6 +475,12 @@ impl Lab {
 
     pub fn log(&self, k: u32) -> PathBuf {
         self.names.log(k)
+    }
+
+    /// The directory at which each node has files of its own, which no
+    /// other node (nor this process) sees.
+    pub fn local_dir(&self) -> PathBuf {
+        self.names.local_dir()
     }
 
     /// The image store shared by the lab's nodes.
@@ -751,6 +765,7 @@ impl Lab {
         let procs = cgroup::procs_files(&node_dirs);
         enter::Entry::open(&self.names, k, &procs)?
             .with_setsid()
+            .with_own_mounts(local_dir::OwnMounts::new(&self.names.local_dir())?)
             .install(&mut command);
         let child = command.spawn().with_context(|| {
             format!(
@@ -864,6 +879,7 @@ impl Lab {
             index: record.index,
             subnet: names::subnet(record.index),
             dir: self.names.dir(),
+            local_dir: self.names.local_dir(),
             nodes,
         })
     }

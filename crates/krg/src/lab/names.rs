@@ -100,6 +100,11 @@ impl Names {
         self.dir().join("images")
     }
 
+    /// The directory each node has its own of (see `local_dir.rs`).
+    pub fn local_dir(&self) -> PathBuf {
+        self.dir().join("local")
+    }
+
     pub fn node_dir(&self, k: u32) -> PathBuf {
         self.dir().join(format!("n{k}"))
     }

@@ -263,6 +263,9 @@ impl Node {
                     .await
                     .map(PeerResponse::ImageSaved)
             }
+            PeerRequest::NeededFiles(files) => crate::job::needed_files::answer(files)
+                .await
+                .map(PeerResponse::FileMismatches),
             PeerRequest::Restore(job) => match self.myself() {
                 Some(me) => crate::job::migrate::restore_here(&me, *job)
                     .await

@@ -85,6 +85,9 @@ pub enum PeerRequest {
         after: crate::job::migrate::CheckpointAfter,
         uid: u32,
     },
+    /// Which of the files a job about to move here uses this node lacks
+    /// (or has otherwise), asked before the job is frozen.
+    NeededFiles(Vec<crate::job::needed_files::NeededFile>),
     /// Bring a job back here from images (a move's target, or a restart).
     Restore(Box<crate::job::migrate::RestoreJob>),
     /// Asked of a job's home node: its body was restarted on `node`.
@@ -107,13 +110,22 @@ pub enum PeerResponse {
     Located(Option<NodeId>),
     Done,
     Waited(WaitResult),
-    Log { data: ByteBuf, done: bool },
+    Log {
+        data: ByteBuf,
+        done: bool,
+    },
     Events(Vec<crate::events::Event>),
     ProcTexts(Box<crate::view::render::ProcTexts>),
     Caps(crate::job::caps::Caps),
     Migrated(crate::job::migrate::MigrationReport),
     ImageSaved(crate::image::ImageRecord),
     Restored(crate::job::migrate::RestoreReply),
+    FileMismatches(
+        Vec<(
+            crate::job::needed_files::NeededFile,
+            crate::job::needed_files::Mismatch,
+        )>,
+    ),
 }
 
 /// What a long poll on a job's end found.
