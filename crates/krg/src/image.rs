@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! "KRGIMAGE"  8 bytes   magic
-//! version     u32 LE    format version of this file (1)
+//! version     u32 LE    format version of this file (2; 1 is read too)
 //! length      u32 LE    bytes of payload, at most META_BYTES_MAX
 //! payload               postcard of ImageMeta
 //! sha256      32 bytes  of the payload
@@ -25,7 +25,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"KRGIMAGE";
-pub const META_FORMAT_VERSION: u32 = 1;
+/// Format 2 added [`ImageMeta::files`]; format 1 is still read.
+pub const META_FORMAT_VERSION: u32 = 2;
 /// A meta file is a few KiB (the job's environment included).
 pub const META_BYTES_MAX: usize = 4 << 20;
 pub const META_FILE: &str = "krg.meta";
@@ -40,7 +41,9 @@ pub enum ImageError {
     },
     #[error("{path} is not a krg image ({reason})")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{path} is from image format {found}; this krg reads format {META_FORMAT_VERSION}")]
+    #[error(
+        "{path} is from image format {found}; this krg reads formats 1 to {META_FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
 }
 
@@ -63,6 +66,41 @@ pub struct ImageMeta {
     /// CPU time the job had used when it was saved.
     #[serde(default)]
     pub cpu_ns: u64,
+    /// The files a node restarting it must have (format 2; none in a
+    /// format 1 image, for which nothing is checked).
+    pub files: Vec<crate::job::needed_files::NeededFile>,
+}
+
+/// [`ImageMeta`] as format 1 wrote it: postcard encodes a struct as its
+/// fields in order, so an older payload lacks the newer fields at its end.
+#[derive(Deserialize)]
+struct ImageMetaV1 {
+    gpid: Gpid,
+    version: u32,
+    node: NodeId,
+    created_ms: u64,
+    spec: LaunchSpec,
+    keys: StreamKeys,
+    carry: StdinCarry,
+    bytes: u64,
+    cpu_ns: u64,
+}
+
+impl From<ImageMetaV1> for ImageMeta {
+    fn from(v1: ImageMetaV1) -> ImageMeta {
+        ImageMeta {
+            gpid: v1.gpid,
+            version: v1.version,
+            node: v1.node,
+            created_ms: v1.created_ms,
+            spec: v1.spec,
+            keys: v1.keys,
+            carry: v1.carry,
+            bytes: v1.bytes,
+            cpu_ns: v1.cpu_ns,
+            files: Vec::new(),
+        }
+    }
 }
 
 /// The replicated catalogue entry of an image.
@@ -192,7 +230,7 @@ pub fn read_meta(dir: &Path) -> Result<ImageMeta, ImageError> {
         return Err(corrupt("bad magic"));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != META_FORMAT_VERSION {
+    if !(1..=META_FORMAT_VERSION).contains(&version) {
         return Err(ImageError::Version {
             path,
             found: version,
@@ -206,5 +244,114 @@ pub fn read_meta(dir: &Path) -> Result<ImageMeta, ImageError> {
     if Sha256::digest(payload).as_slice() != &bytes[16 + n..] {
         return Err(corrupt("checksum mismatch"));
     }
-    postcard::from_bytes(payload).map_err(|e| corrupt(&e.to_string()))
+    let meta = if version == 1 {
+        postcard::from_bytes::<ImageMetaV1>(payload).map(ImageMeta::from)
+    } else {
+        postcard::from_bytes(payload)
+    };
+    meta.map_err(|e| corrupt(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::criu::ExternalKey;
+    use crate::job::needed_files::{NeededFile, Use};
+
+    fn meta(files: Vec<NeededFile>) -> ImageMeta {
+        let node = NodeId::new(3).unwrap();
+        let gpid = Gpid::new(node, 7).unwrap();
+        let pipe = |inode| ExternalKey::Pipe { inode };
+        ImageMeta {
+            gpid,
+            version: 2,
+            node,
+            created_ms: 1_700_000_000_000,
+            spec: LaunchSpec {
+                gpid,
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000],
+                user: "u".into(),
+                argv: vec![serde_bytes::ByteBuf::from(b"sleep".to_vec())],
+                env: Vec::new(),
+                cwd: serde_bytes::ByteBuf::from(b"/".to_vec()),
+                umask: 0o022,
+                rlimits: Vec::new(),
+                tty: None,
+                submitted_ms: 1,
+                caps: Default::default(),
+                no_migrate: false,
+                local_view: false,
+                nodes: Vec::new(),
+            },
+            keys: StreamKeys {
+                stdin: pipe(1),
+                stdout: pipe(2),
+                stderr: pipe(3),
+                status: pipe(4),
+                tty: false,
+            },
+            carry: StdinCarry::default(),
+            bytes: 4096,
+            cpu_ns: 5,
+            files,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("krg-image-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A meta file of `version` around `payload`, as `write_meta` frames it.
+    fn framed(version: u32, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&version.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&Sha256::digest(payload));
+        bytes
+    }
+
+    #[test]
+    fn a_meta_reads_back_with_its_files() {
+        let dir = scratch("v2");
+        let file = NeededFile {
+            path: "/scratch/data".into(),
+            dir: false,
+            size: Some(5),
+            how: Use::HasOpen,
+        };
+        write_meta(&dir, &meta(vec![file.clone()])).unwrap();
+        let read = read_meta(&dir).unwrap();
+        assert_eq!(
+            (read.gpid, read.cpu_ns, read.files),
+            (meta(vec![]).gpid, 5, vec![file])
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_meta_is_read_without_files_and_a_later_one_refused() {
+        let dir = scratch("v1");
+        // Format 1 is format 2 without the list at the end (postcard writes
+        // an empty list as one zero byte).
+        let mut payload = postcard::to_stdvec(&meta(vec![])).unwrap();
+        assert_eq!(payload.pop(), Some(0));
+        fs::write(dir.join(META_FILE), framed(1, &payload)).unwrap();
+        let read = read_meta(&dir).unwrap();
+        assert_eq!((read.bytes, read.cpu_ns, read.files.len()), (4096, 5, 0));
+        assert_eq!(read.spec.user, "u");
+
+        fs::write(dir.join(META_FILE), framed(3, &payload)).unwrap();
+        let err = read_meta(&dir).unwrap_err().to_string();
+        assert!(
+            err.ends_with("is from image format 3; this krg reads formats 1 to 2"),
+            "{err}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -916,7 +916,11 @@ fn lab_migration_refused_tcp_and_dead_target() {
 /// on node 2 wrote another file of that name, with `which is another file
 /// on node 2 (11 bytes there, 5 here)`; the numbers keep coming, `krg ps`
 /// shows node 1. Once node 3 has the same 5 bytes there, the move to node
-/// 3 succeeds, the job goes on counting there and ends with 143.
+/// 3 succeeds and the job goes on counting there. Checkpointed there with
+/// `--kill`, its restart on node 2 is refused the same way (`it was saved
+/// on node 3 (try --node 3)`); a restart left to the placement lands on
+/// node 1 or 3 (which have the file), the numbers go on, and it ends with
+/// 143, every number once.
 #[test]
 fn lab_migration_a_file_only_the_source_node_has_is_refused() {
     let Some(lab) = lab_up() else { return };
@@ -964,6 +968,25 @@ fn lab_migration_a_file_only_the_source_node_has_is_refused() {
     krg_ok(&lab, 1, &["run", "--node", "3", "sh", "-c", &same]);
     migrate(&lab, 1, &gpid, 3, "stop");
     wait_running_on(&lab, 1, &gpid, 3);
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    expect_count(&mut job, last + 20);
+
+    step("saved on node 3: not restarted on node 2, restarted where the file is");
+    krg_ok(&lab, 1, &["checkpoint", &gpid, "--kill"]);
+    let out = krg(&lab, 1, &["restart", &gpid, "--node", "2"]);
+    let err = krg_refused(&out, "a restart on a node whose file differs");
+    assert_eq!(
+        err,
+        format!(
+            "krg: cannot restart job {gpid} on node 2: it has {file} open, which is another file on node 2 (11 bytes there, 5 here); it was saved on node 3 (try --node 3)\n"
+        )
+    );
+    krg_ok(&lab, 1, &["restart", &gpid]);
+    let at = ps_job(&lab, 1, &gpid).expect("the restarted job")["node"].clone();
+    assert!(
+        at == 1 || at == 3,
+        "restarted on node {at}, which lacks the file"
+    );
     let last = numbers(job.drain()).last().copied().unwrap_or(0);
     expect_count(&mut job, last + 20);
     let lines = kill_ends_with_143(&lab, 1, &gpid, &mut job, "job with a node-local file");

@@ -214,9 +214,6 @@ pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
     None
 }
 
-/// How long a target may take to say which of a job's files it lacks.
-const FILES_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Refuses a move to `target` if it lacks a file the job uses (see
 /// [`super::needed_files`]).
 async fn target_has_files(
@@ -229,34 +226,8 @@ async fn target_has_files(
     let files = tokio::task::spawn_blocking(move || super::needed_files::of_processes(&pids))
         .await
         .map_err(|e| internal(format!("cannot list the files of job {}: {e}", ctl.gpid)))?;
-    let asked = node
-        .peers
-        .call(
-            target,
-            addr,
-            PeerRequest::NeededFiles(files),
-            FILES_CHECK_TIMEOUT,
-        )
-        .await;
-    match asked {
-        Ok(PeerResponse::FileMismatches(found)) => {
-            match super::needed_files::refusal(ctl.gpid, target, &found) {
-                Some(why) => Err(refused(why)),
-                None => Ok(()),
-            }
-        }
-        Ok(_) => Err(internal(format!(
-            "node {target} answered the check of job {}'s files with something else",
-            ctl.gpid
-        ))),
-        Err(e) => Err(RemoteError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "cannot migrate job {}: node {target} did not say whether it has the job's files: {e}",
-                ctl.gpid
-            ),
-        )),
-    }
+    let doing = format!("migrate job {}", ctl.gpid);
+    super::needed_files::check_target(node, &doing, target, addr, files).await
 }
 
 fn allowed_device(path: &str) -> bool {
@@ -868,6 +839,9 @@ async fn checkpoint(
     let (dump_tx, dump_rx) = std::sync::mpsc::channel();
     let criu = node.criu.clone();
     let pending_dump = tokio::task::spawn_blocking(move || criu.dump_when_asked(dump_rx));
+    // What a restart elsewhere will need, listed while CRIU starts.
+    let pids = ctl.cgroup.pids();
+    let listing = tokio::task::spawn_blocking(move || super::needed_files::of_processes(&pids));
     if kill {
         if let Err(e) = hold_deputy(pumps, tx).await {
             let _ = tx.send(FromBody::Resumed).await;
@@ -937,6 +911,7 @@ async fn checkpoint(
         carry: taken.carry.clone(),
         bytes,
         cpu_ns: taken.cpu_ns,
+        files: listing.await.unwrap_or_default(),
     };
     let rec = ImageRecord {
         gpid,

@@ -15,13 +15,18 @@
 //! [`super::migrate::obstacle`]), and files on mounts the job made itself
 //! (dumped with its mount namespace).
 
+use crate::node::Node;
+use crate::wire::peer::{PeerRequest, PeerResponse};
 use crate::wire::{ErrorCode, RemoteError};
+use krg_types::NodeId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Most files one check names: a tree of a few hundred processes mapping
 /// the same libraries names far fewer.
@@ -169,6 +174,9 @@ fn node_devices() -> HashSet<u64> {
         .collect()
 }
 
+/// How long a target may take to say which of a job's files it lacks.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Most mismatches one answer names: the refusal names one and counts
 /// the others.
 pub const MISMATCHES_MAX: usize = 1_000;
@@ -224,10 +232,51 @@ fn mismatch(file: &NeededFile) -> Option<Mismatch> {
     }
 }
 
-/// Why a job cannot move to `target`, from what the target found: the
+/// Refuses `doing` (`migrate job 1:7`) on `target` (at `addr`, or this
+/// node) if the target lacks one of `files`.
+pub async fn check_target(
+    node: &Arc<Node>,
+    doing: &str,
+    target: NodeId,
+    addr: &str,
+    files: Vec<NeededFile>,
+) -> Result<(), RemoteError> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let found = if target == node.id {
+        answer(files).await?
+    } else {
+        let asked = node
+            .peers
+            .call(target, addr, PeerRequest::NeededFiles(files), CHECK_TIMEOUT)
+            .await;
+        match asked {
+            Ok(PeerResponse::FileMismatches(found)) => found,
+            Ok(_) => {
+                return Err(RemoteError::new(
+                    ErrorCode::Internal,
+                    format!("cannot {doing}: node {target} answered the check of its files with something else"),
+                ))
+            }
+            Err(e) => {
+                return Err(RemoteError::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot {doing}: node {target} did not say whether it has the job's files: {e}"),
+                ))
+            }
+        }
+    };
+    match refusal(doing, target, &found) {
+        Some(why) => Err(RemoteError::new(ErrorCode::Refused, why)),
+        None => Ok(()),
+    }
+}
+
+/// Why `doing` cannot be done on `target`, from what the target found: the
 /// first mismatch in one sentence, and how many more there are.
 pub fn refusal(
-    gpid: impl fmt::Display,
+    doing: &str,
     target: impl fmt::Display,
     found: &[(NeededFile, Mismatch)],
 ) -> Option<String> {
@@ -254,7 +303,7 @@ pub fn refusal(
         0 => String::new(),
         n => format!(" (and {n} more such file{})", if n == 1 { "" } else { "s" }),
     };
-    Some(format!("cannot migrate job {gpid}: {how}, {what}{more}"))
+    Some(format!("cannot {doing}: {how}, {what}{more}"))
 }
 
 #[cfg(test)]
@@ -366,10 +415,10 @@ mod tests {
             size: None,
             how,
         };
-        assert_eq!(refusal("1:7", 2, &[]), None);
+        assert_eq!(refusal("migrate job 1:7", 2, &[]), None);
         assert_eq!(
             refusal(
-                "1:7",
+                "migrate job 1:7",
                 2,
                 &[(f("/scratch/a", Use::HasOpen), Mismatch::Missing)]
             )
@@ -387,8 +436,8 @@ mod tests {
             (f("/scratch", Use::WorksIn), Mismatch::Missing),
         ];
         assert_eq!(
-            refusal("1:7", 3, &two).unwrap(),
-            "cannot migrate job 1:7: it maps /usr/lib/libx.so, which is another file on node 3 (10 bytes there, 12 here) (and 1 more such file)"
+            refusal("restart job 1:7", 3, &two).unwrap(),
+            "cannot restart job 1:7: it maps /usr/lib/libx.so, which is another file on node 3 (10 bytes there, 12 here) (and 1 more such file)"
         );
     }
 

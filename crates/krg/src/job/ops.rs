@@ -642,6 +642,42 @@ pub async fn images_rm(
     Ok(())
 }
 
+/// Where a restart goes: the node asked for, or the placement's choice;
+/// either only if it has the files the job used (`needed_files`). A choice
+/// that lacks them gives way to the node the job was saved on.
+async fn restart_target(
+    node: &Arc<Node>,
+    gpid: Gpid,
+    pinned: Option<NodeId>,
+    meta: &crate::image::ImageMeta,
+) -> Result<(NodeId, String), RemoteError> {
+    let check = |target: NodeId| async move {
+        let addr = addr_of(node, target).ok_or_else(|| not_found(gpid))?;
+        let doing = format!("restart job {gpid} on node {target}");
+        super::needed_files::check_target(node, &doing, target, &addr, meta.files.clone())
+            .await
+            .map(|()| (target, addr))
+    };
+    let target = super::place::choose_among(node, pinned, &[])?;
+    let refused = match check(target).await {
+        Err(e) if e.code == ErrorCode::Refused && target != meta.node => e,
+        other => return other,
+    };
+    let saved_on = meta.node;
+    if pinned.is_none() && super::place::choose_among(node, Some(saved_on), &[]).is_ok() {
+        if let Ok(found) = check(saved_on).await {
+            return Ok(found);
+        }
+    }
+    Err(RemoteError::new(
+        ErrorCode::Refused,
+        format!(
+            "{}; it was saved on node {saved_on} (try --node {saved_on})",
+            refused.message
+        ),
+    ))
+}
+
 /// Brings a job back from an image, on the node asked or chosen.
 pub async fn restart(
     node: &Arc<Node>,
@@ -666,7 +702,7 @@ pub async fn restart(
         .await
         .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| RemoteError::new(ErrorCode::NotFound, e.to_string()))?;
-    let target = super::place::choose_among(node, target, &[])?;
+    let (target, addr) = restart_target(node, gpid, target, &meta).await?;
     let job = super::migrate::RestoreJob {
         spec: meta.spec.clone(),
         images_dir: rec.path.clone(),
@@ -678,7 +714,6 @@ pub async fn restart(
     if target == node.id {
         super::migrate::restore_here(node, job).await?;
     } else {
-        let addr = addr_of(node, target).ok_or_else(|| not_found(gpid))?;
         node.peers
             .call(
                 target,
