@@ -73,6 +73,7 @@ pub enum Mismatch {
 pub fn of_processes(pids: &[i32]) -> Vec<NeededFile> {
     let node_devices = node_devices();
     let mut found: BTreeMap<String, NeededFile> = BTreeMap::new();
+    let mut mappings_seen = HashSet::new();
     let mut add = |link: PathBuf, meta: Metadata, how: Use, writable: bool| {
         let Some(path) = checked_path(&link) else {
             return;
@@ -105,10 +106,15 @@ pub fn of_processes(pids: &[i32]) -> Vec<NeededFile> {
                 add(link, meta, Use::HasOpen, open_for_writing(pid, fd));
             }
         }
-        for (range, shared_writable) in file_mappings(pid) {
-            let entry = proc_dir.join("map_files").join(range);
+        for mapping in file_mappings(pid) {
+            // A file mapped many times (a library's segments, in every
+            // process of the tree) is looked at once.
+            if !mappings_seen.insert((mapping.file, mapping.shared_writable)) {
+                continue;
+            }
+            let entry = proc_dir.join("map_files").join(mapping.range);
             if let (Ok(link), Ok(meta)) = (std::fs::read_link(&entry), std::fs::metadata(&entry)) {
-                add(link, meta, Use::Maps, shared_writable);
+                add(link, meta, Use::Maps, mapping.shared_writable);
             }
         }
     }
@@ -141,22 +147,29 @@ fn open_for_writing(pid: i32, fd: i32) -> bool {
     flags.is_none_or(|f| f & libc::O_ACCMODE != libc::O_RDONLY)
 }
 
-/// The address ranges of `pid`'s mappings of files (`start-end`, as
-/// `/proc/PID/map_files` names them), each with whether it is a shared
-/// writable mapping (through which the job may change the file's size).
-fn file_mappings(pid: i32) -> Vec<(String, bool)> {
+/// A mapping of a file, from `/proc/PID/maps`.
+struct Mapping {
+    /// `start-end`, as `/proc/PID/map_files` names it.
+    range: String,
+    /// The file's device and inode, as maps shows them.
+    file: (String, u64),
+    /// Through a shared writable mapping the job may change the file's size.
+    shared_writable: bool,
+}
+
+fn file_mappings(pid: i32) -> Vec<Mapping> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let range = fields.next()?;
             let perms = fields.next()?;
-            let inode = fields.nth(2)?;
-            (inode != "0").then(|| {
-                (
-                    range.to_string(),
-                    perms.contains('w') && perms.ends_with('s'),
-                )
+            let device = fields.nth(1)?;
+            let inode: u64 = fields.next()?.parse().ok()?;
+            (inode != 0).then(|| Mapping {
+                range: range.to_string(),
+                file: (device.to_string(), inode),
+                shared_writable: perms.contains('w') && perms.ends_with('s'),
             })
         })
         .collect()
