@@ -1121,7 +1121,8 @@ fn lab_sched_balance_moves_a_lone_job_to_a_faster_idle_node() {
 /// larger Python loop (64 MiB). The balancer tries the cheapest movable job
 /// first: the undumpable one. Within 20 s the larger job must be on node 2
 /// or 3, the undumpable one running on node 1 (its CPU time growing), and a
-/// `could not move` event must name it.
+/// `could not move` event must name it, once: it is not tried again
+/// within the next seconds (each try freezes it for nothing).
 #[test]
 fn lab_sched_a_move_that_fails_leaves_the_job_running() {
     if !require_root_or_skip() {
@@ -1192,8 +1193,8 @@ fn lab_sched_a_move_that_fails_leaves_the_job_running() {
             }
         },
     );
-    let events = events(&lab, 1).unwrap_or_default();
-    let (_, failed) = moves(&events);
+    let seen = events(&lab, 1).unwrap_or_default();
+    let (_, failed) = moves(&seen);
     let cpu_then = cpu_seconds(&lab, &stuck);
     thread::sleep(Duration::from_secs(3));
     let cpu_now = cpu_seconds(&lab, &stuck);
@@ -1217,6 +1218,11 @@ fn lab_sched_a_move_that_fails_leaves_the_job_running() {
         failed.iter().any(|m| m.contains(&stuck)),
         "no event says {stuck} could not move: {failed:#?}"
     );
+    // Seconds later (rounds every second), it has not been tried again:
+    // a job that could not move waits 30 s before the next try.
+    let (_, failed) = moves(&events(&lab, 1).unwrap_or_default());
+    let tries = failed.iter().filter(|m| m.contains(&stuck)).count();
+    assert_eq!(tries, 1, "{stuck} was tried again and again: {failed:#?}");
 }
 
 /// The parser itself, on well-formed and malformed text (no lab needed).
