@@ -33,6 +33,9 @@ use std::time::Duration;
 pub const FILES_MAX: usize = 16_384;
 /// Longest path checked (the kernel's PATH_MAX).
 pub const PATH_BYTES_MAX: usize = 4096;
+/// Most bytes of paths one check sends, well within a peer frame
+/// (`FRAME_BYTES_MAX`, 4 MiB): files beyond are not checked.
+pub const PATHS_BYTES_MAX: usize = 2 << 20;
 
 /// How the job uses a file, for the sentence that names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -118,7 +121,15 @@ pub fn of_processes(pids: &[i32]) -> Vec<NeededFile> {
             }
         }
     }
-    found.into_values().take(FILES_MAX).collect()
+    let mut bytes = 0;
+    found
+        .into_values()
+        .take(FILES_MAX)
+        .take_while(|f| {
+            bytes += f.path.len();
+            bytes <= PATHS_BYTES_MAX
+        })
+        .collect()
 }
 
 /// The path as the target is asked about it, or `None` for one CRIU does
@@ -194,10 +205,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// the others.
 pub const MISMATCHES_MAX: usize = 1_000;
 
-/// A source's question, answered: which of `files` this node lacks or has
-/// otherwise. Stats may block (a network file system): done off the
-/// async workers.
-pub async fn answer(files: Vec<NeededFile>) -> Result<Vec<(NeededFile, Mismatch)>, RemoteError> {
+/// A source's question, answered: which of `files` (by index) this node
+/// lacks or has otherwise. Stats may block (a network file system): done
+/// off the async workers.
+pub async fn answer(files: Vec<NeededFile>) -> Result<Vec<(u32, Mismatch)>, RemoteError> {
     if files.len() > FILES_MAX {
         return Err(RemoteError::new(
             ErrorCode::BadRequest,
@@ -215,11 +226,12 @@ pub async fn answer(files: Vec<NeededFile>) -> Result<Vec<(NeededFile, Mismatch)
         .map_err(|e| RemoteError::new(ErrorCode::Internal, format!("the file check failed: {e}")))
 }
 
-/// Which of `files` this node lacks or has otherwise, at most `limit`.
-pub fn mismatches_here(files: &[NeededFile], limit: usize) -> Vec<(NeededFile, Mismatch)> {
-    files
-        .iter()
-        .filter_map(|f| mismatch(f).map(|m| (f.clone(), m)))
+/// Which of `files` (their indexes) this node lacks or has otherwise, at
+/// most `limit`.
+pub fn mismatches_here(files: &[NeededFile], limit: usize) -> Vec<(u32, Mismatch)> {
+    (0u32..)
+        .zip(files)
+        .filter_map(|(i, f)| mismatch(f).map(|m| (i, m)))
         .take(limit)
         .collect()
 }
@@ -258,11 +270,16 @@ pub async fn check_target(
         return Ok(());
     }
     let found = if target == node.id {
-        answer(files).await?
+        answer(files.clone()).await?
     } else {
         let asked = node
             .peers
-            .call(target, addr, PeerRequest::NeededFiles(files), CHECK_TIMEOUT)
+            .call(
+                target,
+                addr,
+                PeerRequest::NeededFiles(files.clone()),
+                CHECK_TIMEOUT,
+            )
             .await;
         match asked {
             Ok(PeerResponse::FileMismatches(found)) => found,
@@ -280,6 +297,11 @@ pub async fn check_target(
             }
         }
     };
+    // An index the question did not have is the peer's fault: skipped.
+    let found: Vec<(NeededFile, Mismatch)> = found
+        .into_iter()
+        .filter_map(|(i, m)| Some((files.get(i as usize)?.clone(), m)))
+        .collect();
     match refusal(doing, target, &found) {
         Some(why) => Err(RemoteError::new(ErrorCode::Refused, why)),
         None => Ok(()),

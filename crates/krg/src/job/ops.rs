@@ -664,7 +664,7 @@ async fn restart_target(
         other => return other,
     };
     let saved_on = meta.node;
-    if pinned.is_none() && super::place::choose_among(node, Some(saved_on), &[]).is_ok() {
+    if pinned.is_none() && super::place::is_up(node, saved_on).is_ok() {
         if let Ok(found) = check(saved_on).await {
             return Ok(found);
         }

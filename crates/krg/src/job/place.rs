@@ -19,7 +19,8 @@ fn member_ids(node: &Node) -> Vec<NodeId> {
         .read(|d| d.state.members().map(|n| n.id).collect())
 }
 
-fn is_up(node: &Node, id: NodeId) -> Result<(), RemoteError> {
+/// Node `id` exists and is up, or why it cannot take a job.
+pub fn is_up(node: &Node, id: NodeId) -> Result<(), RemoteError> {
     let rec = node.state.read(|d| d.state.nodes.get(&id).cloned());
     let Some(rec) = rec else {
         let ids: Vec<String> = member_ids(node).iter().map(|i| i.to_string()).collect();

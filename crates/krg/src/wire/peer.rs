@@ -120,12 +120,8 @@ pub enum PeerResponse {
     Migrated(crate::job::migrate::MigrationReport),
     ImageSaved(crate::image::ImageRecord),
     Restored(crate::job::migrate::RestoreReply),
-    FileMismatches(
-        Vec<(
-            crate::job::needed_files::NeededFile,
-            crate::job::needed_files::Mismatch,
-        )>,
-    ),
+    /// Indexes into the `NeededFiles` asked, with what is wrong there.
+    FileMismatches(Vec<(u32, crate::job::needed_files::Mismatch)>),
 }
 
 /// What a long poll on a job's end found.
