@@ -712,6 +712,24 @@ fn daemons_start_join_die_and_restart() {
         "the daemon leads its own session"
     );
 
+    eprintln!("--- a command on node 2 sees node 2's own directory, from the caller's");
+    let local = lab.local_dir().join("only-on-2");
+    let local = local.to_str().expect("utf-8 path");
+    let write = format!("echo two > {local}");
+    stdout_of(&lab.run(2, &["sh", "-c", &write]).expect("runs on node 2"));
+    assert_eq!(
+        stdout_of(&lab.run(2, &["cat", local]).expect("runs on node 2")),
+        "two"
+    );
+    assert!(!Path::new(local).exists(), "the host does not see {local}");
+    let on_1 = lab.run(1, &["cat", local]).expect("runs on node 1");
+    assert!(!on_1.status.success(), "node 1 does not see {local}");
+    let cwd = std::env::current_dir().expect("cwd");
+    assert_eq!(
+        stdout_of(&lab.run(2, &["pwd"]).expect("runs on node 2")),
+        cwd.to_str().expect("utf-8 cwd")
+    );
+
     eprintln!("--- kill node 2");
     lab.kill(2).expect("kill");
     assert!(lab.daemon_pid(2).is_none());
@@ -727,6 +745,8 @@ fn daemons_start_join_die_and_restart() {
     .expect("node 2 down");
     let status = lab.status().expect("status");
     assert!(!status.nodes[1].alive && status.nodes[0].alive && status.nodes[2].alive);
+    let down = lab.run(2, &["cat", local]).expect("still runs on node 2");
+    assert!(!down.status.success(), "{local} went with node 2's daemon");
 
     eprintln!("--- start node 2");
     let restarted = lab.start(2).expect("start");

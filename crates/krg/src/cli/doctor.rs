@@ -2,6 +2,7 @@
 
 #[derive(clap::Args)]
 pub struct DoctorArgs {
+    /// Print a JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }

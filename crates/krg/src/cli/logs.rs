@@ -13,6 +13,7 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 #[derive(clap::Args)]
 pub struct LogsArgs {
+    /// The job, by its gpid as `krg ps` shows it.
     pub gpid: Gpid,
     /// Keep printing as the job writes, until it ends.
     #[arg(short = 'f', long)]

@@ -12,6 +12,7 @@ use krg_types::{Gpid, NodeId};
 
 #[derive(clap::Args)]
 pub struct MigrateArgs {
+    /// The job, by its gpid as `krg ps` shows it.
     pub gpid: Gpid,
     /// The node to move it to.
     pub node: NodeId,
@@ -20,6 +21,7 @@ pub struct MigrateArgs {
     /// fastest this node can do.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: MigrateMode,
+    /// Print the result as a JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -54,6 +56,7 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
 
 #[derive(clap::Args)]
 pub struct CheckpointArgs {
+    /// The job, by its gpid as `krg ps` shows it.
     pub gpid: Gpid,
     /// Let the job go on after the checkpoint (the default).
     #[arg(long, group = "after")]
@@ -64,6 +67,7 @@ pub struct CheckpointArgs {
     /// End the job after the checkpoint; `krg restart` brings it back.
     #[arg(long, group = "after")]
     pub kill: bool,
+    /// Print the saved image as a JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -150,6 +154,7 @@ pub struct ImagesArgs {
     pub command: Option<ImagesCommand>,
     /// Only this job's images.
     pub gpid: Option<Gpid>,
+    /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
 }

@@ -9,6 +9,7 @@ use krg_types::Gpid;
 
 #[derive(clap::Args)]
 pub struct WaitArgs {
+    /// The job, by its gpid as `krg ps` shows it.
     pub gpid: Gpid,
 }
 

@@ -1,14 +1,17 @@
-//! Entering a node: its network and UTS namespaces and its cgroup (and, for
-//! its daemon, a mount namespace of its own: see `local_dir.rs`).
+//! Entering a node: its network and UTS namespaces and its cgroup, and the
+//! mount namespace of its daemon, where the node's local directory is (for
+//! the daemon itself, a mount namespace of its own: see `local_dir.rs`).
 //!
 //! The namespace files and cgroup.procs files are opened before fork, so the
 //! hook that runs between fork and exec (`pre_exec`) makes only
 //! async-signal-safe system calls (write, setns, setsid) and allocates
 //! nothing: the parent may be a multi-threaded test harness.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +32,15 @@ pub struct Entry {
     procs: Vec<OwnedFd>,
     setsid: bool,
     own_mounts: Option<OwnMounts>,
+    daemon_mounts: Option<DaemonMounts>,
+}
+
+/// The mount namespace of a node's daemon, and the directory to go back to
+/// once in it (entering a mount namespace moves a process to its root).
+#[derive(Debug)]
+struct DaemonMounts {
+    ns: OwnedFd,
+    cwd: CString,
 }
 
 impl Entry {
@@ -51,7 +63,20 @@ impl Entry {
             procs: opened,
             setsid: false,
             own_mounts: None,
+            daemon_mounts: None,
         })
+    }
+
+    /// Also enter the mount namespace of the node's daemon, process
+    /// `daemon`, so that the command sees the node's local directory as the
+    /// node's jobs do, in the caller's working directory.
+    pub fn enter_daemon_mounts(&mut self, daemon: u32) -> Result<()> {
+        let ns = open_ns(Path::new(&format!("/proc/{daemon}/ns/mnt")))?;
+        let cwd = std::env::current_dir().context("krg lab: cannot read the working directory")?;
+        let cwd = CString::new(cwd.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("krg lab: {} holds a NUL byte", cwd.display()))?;
+        self.daemon_mounts = Some(DaemonMounts { ns, cwd });
+        Ok(())
     }
 
     /// Also start a new session (for daemons, detached from the caller).
@@ -87,6 +112,14 @@ impl Entry {
             .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
         if let Some(mounts) = &self.own_mounts {
             mounts.enter()?;
+        }
+        if let Some(mounts) = &self.daemon_mounts {
+            setns(&mounts.ns, CloneFlags::CLONE_NEWNS)
+                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            // SAFETY: chdir on a NUL-terminated string made before fork.
+            if unsafe { libc::chdir(mounts.cwd.as_ptr()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         if self.setsid {
             nix::unistd::setsid().map_err(|e| io::Error::from_raw_os_error(e as i32))?;

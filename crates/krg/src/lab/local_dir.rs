@@ -4,8 +4,9 @@
 //! real machines; a real node also has files no other node sees (its /tmp,
 //! a local disk), which decide what a job may take along when it moves.
 //! So each node's `krgd` runs in a mount namespace of its own whose
-//! `<lab>/local` is a tmpfs only that node, and the jobs it starts or
-//! restores, see; on the host and in `krg lab exec` the directory is empty.
+//! `<lab>/local` is a tmpfs only that node, the jobs it starts or restores
+//! and the commands `krg lab exec` runs there see; on the host the
+//! directory is empty.
 //! Like a node's /tmp, it is emptied when the node's `krgd` restarts.
 //!
 //! The rest of the lab's directory stays one file system for all: it is

@@ -515,17 +515,24 @@ impl Lab {
     }
 
     /// A command that runs `program` as if logged in on node K: in its
-    /// network and UTS namespaces and its cgroup, with `KRG_SOCKET` set to
-    /// its socket, `KRG_NODE_INDEX=K`, `KRG_LAB` set to the lab's name, and
-    /// the directory of the lab's `krg` first on PATH. Stdio is inherited
-    /// unless changed.
+    /// network and UTS namespaces, its cgroup and, while its daemon runs,
+    /// the daemon's mount namespace (the node's local directory), with
+    /// `KRG_SOCKET` set to its socket, `KRG_NODE_INDEX=K`, `KRG_LAB` set to
+    /// the lab's name, and the directory of the lab's `krg` first on PATH.
+    /// Stdio is inherited unless changed.
     pub fn command(&self, k: u32, program: impl AsRef<OsStr>) -> Result<Command> {
         self.check_node(k)?;
         let record = self.cached();
         let mut command = Command::new(program);
         self.node_env(&mut command, k, &record);
         let procs = cgroup::procs_files(&cgroup::node_dirs(&record.cgroup_dirs, k));
-        enter::Entry::open(&self.names, k, &procs)?.install(&mut command);
+        let mut entry = enter::Entry::open(&self.names, k, &procs)?;
+        if let Some(daemon) = self.daemon_pid(k) {
+            // A daemon that has just died leaves no namespace to enter: the
+            // command then sees the host's mounts, as on a node that is down.
+            let _ = entry.enter_daemon_mounts(daemon);
+        }
+        entry.install(&mut command);
         Ok(command)
     }
 
