@@ -633,52 +633,23 @@ struct CgroupMount {
     options: Vec<String>,
 }
 
-/// The cgroup and cgroup2 mounts listed in a mountinfo text.
-fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // id parent major:minor root mount-point options [optional...] - fstype source super-options
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let mut right = right.split(' ');
-            let fstype = right.next()?;
-            let _source = right.next();
-            let options = right.next().unwrap_or("");
-            let v2 = match fstype {
+/// The cgroup and cgroup2 mounts among `mounts`.
+fn cgroup_mounts(mounts: &[crate::mountinfo::Mount]) -> Vec<CgroupMount> {
+    mounts
+        .iter()
+        .filter_map(|m| {
+            let v2 = match m.fstype.as_str() {
                 "cgroup2" => true,
                 "cgroup" => false,
                 _ => return None,
             };
             Some(CgroupMount {
-                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+                mount_point: PathBuf::from(&m.mount_point),
                 v2,
-                options: options.split(',').map(str::to_owned).collect(),
+                options: m.super_options.split(',').map(str::to_owned).collect(),
             })
         })
         .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            if let Some(v) = s
-                .get(i + 1..i + 4)
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The version in use: v2 when /sys/fs/cgroup itself is the unified
@@ -698,8 +669,8 @@ fn cgroup_version_of(mounts: &[CgroupMount]) -> Option<CgroupVersion> {
 }
 
 fn cgroups() -> (Option<CgroupVersion>, Feature, Feature) {
-    let mountinfo = match fs::read_to_string("/proc/self/mountinfo") {
-        Ok(s) => s,
+    let mountinfo = match crate::mountinfo::own() {
+        Ok(mounts) => mounts,
         Err(e) => {
             let why = format!("/proc/self/mountinfo cannot be read ({e})");
             return (
@@ -1052,7 +1023,8 @@ mod tests {
 37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
-        let m = cgroup_mounts(v1);
+        let parsed = |text| cgroup_mounts(&crate::mountinfo::parse(text));
+        let m = parsed(v1);
         assert_eq!(m.len(), 3);
         assert_eq!(cgroup_version_of(&m), Some(CgroupVersion::V1));
         let fr = v1_freezer(&m);
@@ -1060,21 +1032,14 @@ mod tests {
         assert_eq!(fr.detail, "v1 freezer at /sys/fs/cgroup/freezer");
 
         let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        let m = cgroup_mounts(v2);
+        let m = parsed(v2);
         assert_eq!(cgroup_version_of(&m), Some(CgroupVersion::V2));
 
         let none = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n";
-        assert_eq!(cgroup_version_of(&cgroup_mounts(none)), None);
+        assert_eq!(cgroup_version_of(&parsed(none)), None);
 
         let no_freezer = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert!(!v1_freezer(&cgroup_mounts(no_freezer)).ok);
-    }
-
-    #[test]
-    fn unescapes_mount_points() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/trailing\04"), r"/trailing\04");
+        assert!(!v1_freezer(&parsed(no_freezer)).ok);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod job;
 pub mod join;
 pub mod lab;
 pub mod metrics;
+pub mod mountinfo;
 pub mod node;
 pub mod peer;
 pub mod pidfd;

@@ -34,6 +34,7 @@ use super::rpc::{self, Call};
 use super::{
     stats, Action, AfterDump, CriuError, DumpKind, DumpOutcome, DumpRequest, MemoryTransfer,
 };
+use crate::mountinfo::Mount;
 
 /// Mode of the images directory: images hold the job's memory.
 pub const IMAGES_DIR_MODE: u32 = 0o700;
@@ -245,66 +246,21 @@ pub fn make_images_dir(dir: &Path) -> Result<(), CriuError> {
 /// mounts of `krgd`'s FUSE view themselves (a job keeps its binds of view
 /// files: they are bound again from the target's view).
 pub fn node_local_mounts(pid: i32) -> std::io::Result<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    Ok(mounts_where(&text, is_node_local))
+    let mounts = crate::mountinfo::read(format!("/proc/{pid}/mountinfo"))?;
+    Ok(mount_points_where(&mounts, is_node_local))
 }
 
-fn is_node_local(m: &MountLine<'_>) -> bool {
+fn is_node_local(m: &Mount) -> bool {
     m.fstype == NSFS || (m.fstype.starts_with("fuse") && m.source == VIEW_SOURCE && m.root == "/")
 }
 
-/// The fields of a mountinfo line krg looks at.
-struct MountLine<'a> {
-    root: &'a str,
-    fstype: &'a str,
-    source: &'a str,
-}
-
-/// Mount points (unescaped) of the mounts of a mountinfo text that `keep`
-/// selects.
-fn mounts_where(mountinfo: &str, keep: impl Fn(&MountLine<'_>) -> bool) -> Vec<String> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mut left = left.split(' ').skip(3);
-            let root = left.next()?;
-            let mount_point = left.next()?;
-            let mut right = right.split(' ');
-            let fstype = right.next()?;
-            let source = right.next().unwrap_or_default();
-            let m = MountLine {
-                root,
-                fstype,
-                source,
-            };
-            keep(&m).then(|| unescape(mount_point))
-        })
+/// The mount points of the mounts that `keep` selects.
+fn mount_points_where(mounts: &[Mount], keep: impl Fn(&Mount) -> bool) -> Vec<String> {
+    mounts
+        .iter()
+        .filter(|m| keep(m))
+        .map(|m| m.mount_point.clone())
         .collect()
-}
-
-/// Undoes the kernel's octal escapes of space, tab, newline and backslash.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                let value = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-                out.push(u8::try_from(value).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -324,22 +280,17 @@ mod tests {
 
     #[test]
     fn finds_node_local_mounts() {
-        let local = |text: &str| mounts_where(text, is_node_local);
+        let parsed = crate::mountinfo::parse;
+        let local = |text: &str| mount_points_where(&parsed(text), is_node_local);
         assert_eq!(
             local(MOUNTINFO),
             vec!["/run/netns/krg-sw", "/run/krg lab/n1/uts", "/run/krg/view"]
         );
         assert_eq!(
-            mounts_where(MOUNTINFO, |m| m.fstype == "proc"),
+            mount_points_where(&parsed(MOUNTINFO), |m| m.fstype == "proc"),
             vec!["/proc"]
         );
         assert!(local("garbage line\n").is_empty());
-    }
-
-    #[test]
-    fn unescapes_octal() {
-        assert_eq!(unescape("/a\\040b\\011c\\134d"), "/a b\tc\\d");
-        assert_eq!(unescape("/plain\\"), "/plain\\");
     }
 
     #[test]

@@ -23,6 +23,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::mountinfo::Mount;
+
 use nix::mount::MsFlags;
 
 const FLAG: &str = "favordynmods";
@@ -92,54 +94,21 @@ pub fn ensure() -> Result<Tuning, String> {
     }
 }
 
-fn read_mountinfo() -> Result<String, String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
+fn read_mountinfo() -> Result<Vec<Mount>, String> {
+    crate::mountinfo::own().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
 }
 
-/// The cgroup2 mounts of a mountinfo text, in its order.
-fn v2_mounts(mountinfo: &str) -> Vec<V2Mount> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // `ID PARENT MAJ:MIN ROOT POINT OPTIONS [TAGS...] - FSTYPE SOURCE SUPER`
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let mut right = right.split(' ');
-            let fstype = right.next()?;
-            let _source = right.next()?;
-            let super_options = right.next()?;
-            (fstype == "cgroup2" && left.len() >= 6).then(|| V2Mount {
-                path: PathBuf::from(unescape(left[4])),
-                mount_options: left[5].to_owned(),
-                super_options: super_options.to_owned(),
-            })
+/// The cgroup2 mounts among `mounts`, in their order.
+fn v2_mounts(mounts: &[Mount]) -> Vec<V2Mount> {
+    mounts
+        .iter()
+        .filter(|m| m.fstype == "cgroup2")
+        .map(|m| V2Mount {
+            path: PathBuf::from(&m.mount_point),
+            mount_options: m.mount_options.clone(),
+            super_options: m.super_options.clone(),
         })
         .collect()
-}
-
-/// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|d| u8::from_str_radix(d, 8).ok());
-        match code {
-            Some(c) => {
-                out.push(char::from(c));
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The per-mount flags a remount must give again, or it would clear them.
@@ -230,7 +199,7 @@ mod tests {
 
     #[test]
     fn finds_v2_mounts_and_their_options() {
-        let mounts = v2_mounts(MOUNTINFO);
+        let mounts = v2_mounts(&crate::mountinfo::parse(MOUNTINFO));
         assert_eq!(mounts.len(), 2, "{mounts:?}");
         assert_eq!(mounts[0].path, Path::new("/sys/fs/cgroup/unified"));
         assert_eq!(mounts[0].mount_options, "rw,nosuid,nodev,noexec,relatime");

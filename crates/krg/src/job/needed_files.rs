@@ -189,13 +189,8 @@ fn file_mappings(pid: i32) -> Vec<Mapping> {
 /// The devices of this node's mounts (its mount namespace): a job's file
 /// on any other is on a mount the job made itself.
 fn node_devices() -> HashSet<u64> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
-            Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
-        })
-        .collect()
+    let mounts = crate::mountinfo::own().unwrap_or_default();
+    mounts.iter().map(|m| m.device).collect()
 }
 
 /// How long a target may take to say which of a job's files it lacks.

@@ -2,7 +2,7 @@
 //! by bind-mounting the namespace onto a file (as `ip netns add` does for
 //! network namespaces).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::thread;
 
@@ -53,53 +53,14 @@ pub fn unmount(target: &Path) -> Result<()> {
 /// Mount points at or below `dir` in this process's mount namespace, the
 /// deepest first (so they can be unmounted in that order).
 pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+    let mut found: Vec<PathBuf> = crate::mountinfo::own()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| PathBuf::from(m.mount_point))
         .filter(|point| point.starts_with(dir))
         .collect();
     found.sort();
     found.dedup();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                let value = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
-                out.push(u8::try_from(value).unwrap_or(b'?'));
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/run/a\040b"), "/run/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/x\\"), r"/x\\");
-    }
 }
