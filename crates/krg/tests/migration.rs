@@ -513,7 +513,9 @@ fn lab_migration_back_to_back_moves() {
 /// job holding 256 MiB under `krg run` on node 1, moved lazily 1 → 2 → 1
 /// ... ten times, each `krg migrate` issued the moment the previous one
 /// has returned; after each, the node it left holds no job cgroup; then
-/// the job still prints its timestamps and its exit status arrives.
+/// the job still prints its timestamps, neither node keeps the work
+/// directory of a restore that succeeded (CRIU's logs, under
+/// `<state>/criu/`), and its exit status arrives.
 #[test]
 fn lab_migration_back_to_the_node_it_just_left() {
     let Some(lab) = lab_up() else { return };
@@ -551,6 +553,21 @@ fn lab_migration_back_to_the_node_it_just_left() {
         }
     })
     .unwrap();
+    for k in [1, 2] {
+        let dir = lab.state_dir(k).join("criu");
+        let what = format!("node {k} without the work directories of its restores");
+        lab::wait_until(WAIT, &what, || {
+            let left: Vec<_> = fs::read_dir(&dir)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} holds {left:?}", dir.display()))
+            }
+        })
+        .unwrap();
+    }
     kill_ends_with_143(&lab, 1, &gpid, &mut job, "256 MiB job");
 }
 

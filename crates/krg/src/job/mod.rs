@@ -28,6 +28,7 @@ pub mod spawn;
 pub mod spec;
 pub mod status;
 pub mod stdio;
+pub mod work_dir;
 
 use crate::wire::stream::ExitStatus;
 use body::BodyCtl;

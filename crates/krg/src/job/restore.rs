@@ -10,10 +10,10 @@ use super::body::{supervise, BodyCtl, BodyLink, LINK_FRAMES_MAX};
 use super::cgroup::JobCgroup;
 use super::migrate::{RestoreJob, RestoreReply};
 use super::stdio::{make_streams, JobEnds, Pumps, StatusReader};
+use super::work_dir::WorkDir;
 use crate::criu::{Criu, ExternalKey, InheritFd, LazyPagesRequest, RestoreRequest};
 use crate::node::{now_ms, Node};
 use crate::wire::{ErrorCode, RemoteError};
-use krg_types::Gpid;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -65,7 +65,7 @@ async fn restore_here_inner(
         })?;
     tracing::debug!(gpid = %gpid, us = started.elapsed().as_micros(), "timing: restore cgroup made");
     let result = restore_into(node, &job, &cgroup).await;
-    let (io, status, pid, lazy) = match result {
+    let (io, status, pid, lazy, work) = match result {
         Ok(v) => v,
         Err(e) => {
             tokio::task::block_in_place(|| cgroup.remove());
@@ -115,9 +115,14 @@ async fn restore_here_inner(
         ]))
         .inc();
     tokio::spawn(supervise(node.clone(), ctl, pumps, status, from_tx, cmd_rx));
-    if let Some(daemon) = lazy {
-        tokio::task::spawn_blocking(move || daemon.wait(Duration::from_secs(3600)));
-    }
+    // The work directory (CRIU's logs) goes once every page is here; after
+    // a failure it stays, for its logs.
+    tokio::task::spawn_blocking(move || match lazy.map(|d| d.wait(LAZY_PAGES_TIMEOUT)) {
+        None | Some(Ok(())) => work.done(),
+        Some(Err(e)) => {
+            tracing::warn!(gpid = %gpid, error = %e, dir = %work.path().display(), "the pages of a job moved here did not all arrive")
+        }
+    });
     tracing::info!(gpid = %gpid, pid, "job restored here");
     Ok(RestoreReply {
         pid,
@@ -125,11 +130,15 @@ async fn restore_here_inner(
     })
 }
 
+/// Longest a lazy-pages daemon may take to bring all of a job's pages.
+const LAZY_PAGES_TIMEOUT: Duration = Duration::from_secs(3600);
+
 type Restored = (
     super::stdio::BodyIo,
     StatusReader,
     i32,
     Option<crate::criu::LazyPages>,
+    WorkDir,
 );
 
 async fn restore_into(
@@ -163,11 +172,12 @@ async fn restore_into(
     add(job.keys.stderr, stderr.as_raw_fd());
     add(job.keys.status, status_w.as_raw_fd());
     let images = PathBuf::from(&job.images_dir);
-    let work = tempdir_for(node, gpid).map_err(|e| fail("a work directory", &e))?;
+    let work = WorkDir::make(&node.config.state_dir.join("criu"), gpid, now_ms())
+        .map_err(|e| fail("a work directory", &e))?;
     let criu = node.criu.clone();
     let mut req = RestoreRequest::new(images.clone());
     req.gpid = Some(gpid);
-    req.work_dir = Some(work.clone());
+    req.work_dir = Some(work.path().to_path_buf());
     req.inherit = inherit;
     req.join_cgroups = cgroup.dirs.clone();
     req.log_level = node.config.criu_log_level;
@@ -181,7 +191,7 @@ async fn restore_into(
     if let Some((addr, port)) = &job.lazy {
         let mut lreq = LazyPagesRequest::new(images.clone(), addr.clone(), *port);
         lreq.gpid = Some(gpid);
-        lreq.work_dir = Some(work.clone());
+        lreq.work_dir = Some(work.path().to_path_buf());
         lreq.log_level = node.config.criu_log_level;
         lreq.tls = Some(crate::criu::PageTls::in_state_dir(&node.config.state_dir));
         let started = tokio::task::spawn_blocking(move || criu.lazy_pages(&lreq))
@@ -207,16 +217,5 @@ async fn restore_into(
         .map_err(|e| fail("criu", &e))?;
     drop((stdin, stdout, stderr, status_w));
     tracing::info!(gpid = %gpid, daemon_ms, restore_ms = started_at.elapsed().as_millis(), "restored by criu");
-    Ok((io, status, outcome.pid, daemon))
-}
-
-fn tempdir_for(node: &Node, gpid: Gpid) -> std::io::Result<PathBuf> {
-    let dir = node.config.state_dir.join("criu").join(format!(
-        "{}-{}-{}",
-        gpid.home_node(),
-        gpid.seq(),
-        now_ms()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    Ok((io, status, outcome.pid, daemon, work))
 }
