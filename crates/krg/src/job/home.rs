@@ -129,10 +129,18 @@ impl Deputy {
 }
 
 /// Keeps the table of deputies bounded: old finished jobs are forgotten.
-pub fn prune_finished(deps: &mut HashMap<Gpid, Arc<Deputy>>) {
-    let now = now_ms();
+/// Returns the logs of the detached ones among them, for the caller to
+/// remove: `krg logs` no longer reaches them, and they would stay for good.
+pub fn prune_finished(deps: &mut HashMap<Gpid, Arc<Deputy>>, now: u64) -> Vec<PathBuf> {
     let finished = |d: &Deputy| *d.finished_ms.lock().unwrap_or_else(|p| p.into_inner());
-    deps.retain(|_, d| finished(d).is_none_or(|t| now.saturating_sub(t) < FINISHED_KEPT_MS));
+    let mut logs = Vec::new();
+    deps.retain(|_, d| {
+        let keep = finished(d).is_none_or(|t| now.saturating_sub(t) < FINISHED_KEPT_MS);
+        if !keep {
+            logs.extend(d.log.clone());
+        }
+        keep
+    });
     let mut done: Vec<(u64, Gpid)> = deps
         .values()
         .filter_map(|d| finished(d).map(|t| (t, d.gpid)))
@@ -140,9 +148,12 @@ pub fn prune_finished(deps: &mut HashMap<Gpid, Arc<Deputy>>) {
     if done.len() > FINISHED_KEPT_MAX {
         done.sort();
         for (_, g) in done.iter().take(done.len() - FINISHED_KEPT_MAX) {
-            deps.remove(g);
+            if let Some(d) = deps.remove(g) {
+                logs.extend(d.log.clone());
+            }
         }
     }
+    logs
 }
 
 /// The job a local process belongs to, from its cgroup (never from what
@@ -489,5 +500,69 @@ pub async fn keep_detached(node: Arc<Node>, deputy: Arc<Deputy>, link: BodyLink)
     }
     if matches!(deputy.state(), DeputyState::Running | DeputyState::Starting) {
         deputy.set_state(DeputyState::Lost);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deputy(seq: u64, log: Option<&str>, finished_ms: Option<u64>) -> Arc<Deputy> {
+        let home = NodeId::new(1).expect("node 1");
+        Arc::new(Deputy {
+            gpid: Gpid::new(home, seq).expect("a gpid"),
+            uid: 1000,
+            user: "u".into(),
+            command: "sleep 1".into(),
+            started_ms: 0,
+            detached: log.is_some(),
+            log: log.map(PathBuf::from),
+            node: Mutex::new(home),
+            state: watch::channel(DeputyState::Running).0,
+            finished_ms: Mutex::new(finished_ms),
+            relocated: watch::channel(None).0,
+            attached: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn forgotten_detached_jobs_give_back_their_logs() {
+        let now = 10 * FINISHED_KEPT_MS;
+        let mut deps: HashMap<Gpid, Arc<Deputy>> = [
+            deputy(1, Some("/logs/1-1.log"), Some(now - FINISHED_KEPT_MS - 1)),
+            deputy(2, None, Some(now - FINISHED_KEPT_MS - 1)),
+            deputy(3, Some("/logs/1-3.log"), Some(now - 1)),
+            deputy(4, Some("/logs/1-4.log"), None),
+        ]
+        .into_iter()
+        .map(|d| (d.gpid, d))
+        .collect();
+        let logs = prune_finished(&mut deps, now);
+        assert_eq!(logs, vec![PathBuf::from("/logs/1-1.log")]);
+        let mut left: Vec<u64> = deps.keys().map(|g| g.seq()).collect();
+        left.sort();
+        assert_eq!(left, vec![3, 4], "a recent end and a running job stay");
+    }
+
+    #[test]
+    fn beyond_the_most_kept_the_oldest_ends_go_with_their_logs() {
+        let now = 10 * FINISHED_KEPT_MS;
+        let mut deps: HashMap<Gpid, Arc<Deputy>> = (1..=FINISHED_KEPT_MAX as u64 + 2)
+            .map(|seq| {
+                let log = format!("/logs/1-{seq}.log");
+                let d = deputy(seq, Some(&log), Some(now - 1_000_000 + seq));
+                (d.gpid, d)
+            })
+            .collect();
+        let mut logs = prune_finished(&mut deps, now);
+        logs.sort();
+        assert_eq!(
+            logs,
+            vec![
+                PathBuf::from("/logs/1-1.log"),
+                PathBuf::from("/logs/1-2.log")
+            ]
+        );
+        assert_eq!(deps.len(), FINISHED_KEPT_MAX);
     }
 }

@@ -141,9 +141,17 @@ impl JobTable {
     }
 
     pub fn deputy_insert(&self, d: Arc<Deputy>) {
-        let mut deps = self.deputies.lock().unwrap_or_else(|p| p.into_inner());
-        home::prune_finished(&mut deps);
-        deps.insert(d.gpid, d);
+        let forgotten = {
+            let mut deps = self.deputies.lock().unwrap_or_else(|p| p.into_inner());
+            let forgotten = home::prune_finished(&mut deps, crate::node::now_ms());
+            deps.insert(d.gpid, d);
+            forgotten
+        };
+        for log in forgotten {
+            if let Err(e) = std::fs::remove_file(&log) {
+                tracing::debug!(log = %log.display(), error = %e, "cannot remove a forgotten job's log");
+            }
+        }
     }
 
     pub fn deputy(&self, gpid: Gpid) -> Option<Arc<Deputy>> {
