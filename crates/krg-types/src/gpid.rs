@@ -14,7 +14,10 @@ pub const GPID_SEQ_BITS: u32 = 22;
 /// Largest sequence number a home node hands out.
 pub const GPID_SEQ_MAX: u64 = (1 << GPID_SEQ_BITS) - 1;
 
+/// Decoded through [`Gpid::from_raw`]: a gpid from the network or a file
+/// with no valid home node is refused there, not met later in `home_node`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct Gpid(u64);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +53,19 @@ impl Gpid {
 
     pub fn seq(self) -> u64 {
         self.0 & GPID_SEQ_MAX
+    }
+}
+
+impl TryFrom<u64> for Gpid {
+    type Error = GpidError;
+    fn try_from(raw: u64) -> Result<Self, Self::Error> {
+        Gpid::from_raw(raw)
+    }
+}
+
+impl From<Gpid> for u64 {
+    fn from(g: Gpid) -> u64 {
+        g.0
     }
 }
 
@@ -95,5 +111,19 @@ mod tests {
         assert!("1:x".parse::<Gpid>().is_err());
         assert!("1:4194304".parse::<Gpid>().is_err());
         assert!("junk".parse::<Gpid>().is_err());
+    }
+
+    #[test]
+    fn a_decoded_gpid_without_a_valid_home_is_refused() {
+        let good = Gpid::new(NodeId::new(3).unwrap(), 9).unwrap();
+        let bytes = postcard::to_stdvec(&good).unwrap();
+        assert_eq!(postcard::from_bytes::<Gpid>(&bytes).unwrap(), good);
+        for raw in [0, 5, GPID_SEQ_MAX, 4096 << GPID_SEQ_BITS, u64::MAX] {
+            let bytes = postcard::to_stdvec(&raw).unwrap();
+            assert!(
+                postcard::from_bytes::<Gpid>(&bytes).is_err(),
+                "{raw} decoded as a gpid"
+            );
+        }
     }
 }
