@@ -11,8 +11,11 @@
 //! sha256      32 bytes  of the payload
 //! ```
 //!
-//! Written to a temporary file, fsynced, then renamed. Directories are 0700
-//! and belong to the job's owner: images hold memory contents.
+//! Written to a temporary file, fsynced, then renamed. Directories and
+//! files belong to root, 0700 and 0600, and an ACL lets the job's owner
+//! read them (`crate::acl`): images hold memory contents, and CRIU, as
+//! root, restores whatever they say, so nobody but root may change them. A
+//! restart checks that (`check_untampered`).
 
 use crate::job::spec::LaunchSpec;
 use crate::job::stdio::{StdinCarry, StreamKeys};
@@ -20,8 +23,8 @@ use krg_types::{Gpid, NodeId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"KRGIMAGE";
@@ -45,6 +48,8 @@ pub enum ImageError {
         "{path} is from image format {found}; this krg reads formats 1 to {META_FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
+    #[error("{path} {reason}, so another user than root may have changed the image: krg restores only images that root alone can change")]
+    Untrusted { path: PathBuf, reason: String },
 }
 
 /// What krg keeps with CRIU's files.
@@ -148,12 +153,12 @@ pub fn versions(store: &Path, gpid: Gpid) -> Vec<u32> {
     v
 }
 
-/// Creates `<store>/<job>/v<N>` for the next version, 0700, owned by `uid`.
+/// Creates `<store>/<job>/v<N>` for the next version: root's, 0700, and
+/// readable by `uid` where the file system has ACLs.
 pub fn create_version_dir(
     store: &Path,
     gpid: Gpid,
     uid: u32,
-    gid: u32,
 ) -> Result<(u32, PathBuf), ImageError> {
     let job = job_dir(store, gpid);
     fs::DirBuilder::new()
@@ -161,20 +166,77 @@ pub fn create_version_dir(
         .mode(0o700)
         .create(&job)
         .map_err(io("cannot create the image directory", &job))?;
-    let _ = nix::unistd::chown(&job, Some(uid.into()), Some(gid.into()));
+    // Made by an older krg, the job's directory may belong to its owner:
+    // it becomes root's, as the versions below it must be.
+    nix::unistd::chown(&job, Some(0.into()), Some(0.into()))
+        .map_err(|e| io("cannot make root own", &job)(e.into()))?;
+    fs::set_permissions(&job, fs::Permissions::from_mode(0o700))
+        .map_err(io("cannot make private", &job))?;
+    grant_owner_read_of(&job, uid);
     // Another checkpoint of the same job may race: take the first free N.
     let mut n = versions(store, gpid).last().copied().unwrap_or(0) + 1;
     loop {
         let dir = version_dir(store, gpid, n);
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {
-                let _ = nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into()));
+                grant_owner_read_of(&dir, uid);
                 return Ok((n, dir));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
             Err(e) => return Err(io("cannot create the image directory", &dir)(e)),
         }
     }
+}
+
+/// Lets the job's owner `uid` read the files of a version directory once
+/// they are written (CRIU's and `krg.meta`).
+pub fn grant_owner_read(dir: &Path, uid: u32) {
+    grant_owner_read_of(dir, uid);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            grant_owner_read_of(&entry.path(), uid);
+        }
+    }
+}
+
+fn grant_owner_read_of(path: &Path, uid: u32) {
+    if uid == 0 {
+        return;
+    }
+    if let Err(e) = crate::acl::grant_read(path, uid) {
+        // Root still reads it; the owner does not.
+        tracing::warn!(path = %path.display(), uid, error = %e, "cannot let the owner of an image read it");
+    }
+}
+
+/// Whether nobody but root can have changed the image in `dir`: it and
+/// its job's directory are directories (not links), root's, and writable
+/// by nobody else (an ACL granting writes shows in the group bits).
+pub fn check_untampered(dir: &Path) -> Result<(), ImageError> {
+    let job = dir.parent().unwrap_or(dir);
+    for path in [job, dir] {
+        let meta = fs::symlink_metadata(path).map_err(io("cannot read", path))?;
+        let untrusted = |reason: String| ImageError::Untrusted {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if !meta.is_dir() {
+            return Err(untrusted("is not a directory".into()));
+        }
+        if meta.uid() != 0 {
+            return Err(untrusted(format!("belongs to uid {}", meta.uid())));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(untrusted(format!(
+                "may be written by others (mode {:o})",
+                meta.mode() & 0o777
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Bytes of the files in a directory (not recursive: CRIU's images are flat).
@@ -221,11 +283,23 @@ pub fn read_meta(dir: &Path) -> Result<ImageMeta, ImageError> {
         path: path.clone(),
         reason: reason.to_string(),
     };
-    let len = fs::metadata(&path).map_err(io("cannot read", &path))?.len();
-    if len as usize > META_BYTES_MAX + 48 {
+    // Not through a link, and no more than a meta file can hold, whatever
+    // the file says its size is (a device says 0).
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io("cannot read", &path))?;
+    if !file.metadata().map_err(io("cannot read", &path))?.is_file() {
+        return Err(corrupt("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take((META_BYTES_MAX + 48 + 1) as u64)
+        .read_to_end(&mut bytes)
+        .map_err(io("cannot read", &path))?;
+    if bytes.len() > META_BYTES_MAX + 48 {
         return Err(corrupt("too large"));
     }
-    let bytes = fs::read(&path).map_err(io("cannot read", &path))?;
     if bytes.len() < 48 || &bytes[..8] != MAGIC {
         return Err(corrupt("bad magic"));
     }
@@ -353,5 +427,54 @@ mod tests {
             "{err}"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_meta_through_a_link_or_of_a_device_is_refused() {
+        let dir = scratch("links");
+        let elsewhere = dir.join("elsewhere");
+        write_meta(&dir, &meta(vec![])).unwrap();
+        fs::rename(dir.join(META_FILE), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join(META_FILE)).unwrap();
+        let err = read_meta(&dir).unwrap_err().to_string();
+        assert!(err.starts_with("cannot read"), "{err}");
+        fs::remove_file(dir.join(META_FILE)).unwrap();
+        // /dev/zero says it holds 0 bytes and never ends.
+        std::os::unix::fs::symlink("/dev/zero", dir.join(META_FILE)).unwrap();
+        assert!(read_meta(&dir).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_an_image_root_alone_can_change_is_trusted() {
+        let store = scratch("trust");
+        let gpid = meta(vec![]).gpid;
+        let (n, dir) = create_version_dir(&store, gpid, 65534).unwrap();
+        assert_eq!(n, 1);
+        for path in [dir.parent().unwrap(), dir.as_path()] {
+            let m = fs::metadata(path).unwrap();
+            assert_eq!(m.uid(), 0, "{} is root's", path.display());
+            assert_eq!(m.mode() & 0o027, 0, "{} is private", path.display());
+        }
+        check_untampered(&dir).unwrap();
+
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        let err = check_untampered(&dir).unwrap_err().to_string();
+        assert!(err.contains("may be written by others (mode 770)"), "{err}");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+
+        nix::unistd::chown(dir.parent().unwrap(), Some(65534.into()), None).unwrap();
+        let err = check_untampered(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "belongs to uid 65534, so another user than root may have changed the image"
+            ),
+            "{err}"
+        );
+        // The next checkpoint takes the job's directory back.
+        let (n, _) = create_version_dir(&store, gpid, 65534).unwrap();
+        assert_eq!(n, 2);
+        check_untampered(&dir).unwrap();
+        fs::remove_dir_all(&store).unwrap();
     }
 }

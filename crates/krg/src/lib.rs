@@ -2,6 +2,7 @@
 //!
 //! One module per word of the vocabulary (see docs/architecture.md).
 
+pub mod acl;
 pub mod api;
 pub mod cli;
 pub mod cluster;

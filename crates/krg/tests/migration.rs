@@ -1235,6 +1235,9 @@ fn log_about(lab: &Lab, k: u32, gpid: &str) -> String {
 /// restart` and `krg images rm`, `krg images` as that user lists none of
 /// root's images, and the image directories are 0700 and root's (`ls` and
 /// `cat` of its files fail for that user); the job runs on on node 2.
+/// Saved again with `--kill`, its image directory given to user 65534 (as
+/// an older krg left them, or a user who got at it): `krg restart` refuses
+/// it, naming the owner; given back to root, the restart works.
 #[test]
 fn lab_migration_other_user_is_refused() {
     let Some(lab) = lab_up() else { return };
@@ -1293,15 +1296,34 @@ fn lab_migration_other_user_is_refused() {
             show(&out)
         );
     }
+
+    step("an image another user could change is not restarted");
+    let text = krg_ok(&lab, 1, &["checkpoint", &gpid, "--kill", "--json"]);
+    let v2: Value = serde_json::from_str(&text).expect("checkpoint --json");
+    let v2_dir = PathBuf::from(v2["path"].as_str().expect("path"));
+    let chown = |uid: u32| {
+        std::os::unix::fs::chown(&v2_dir, Some(uid), None).expect("chown the image directory")
+    };
+    chown(NOBODY_UID);
+    let out = krg(&lab, 1, &["restart", &gpid]);
+    let err = krg_refused(&out, "restart of an image user 65534 owns");
+    assert!(
+        err.starts_with(&format!("krg: cannot restart job {gpid}: {} belongs to uid {NOBODY_UID}, so another user than root may have changed the image", v2_dir.display())),
+        "{err}"
+    );
+    chown(0);
+    krg_ok(&lab, 1, &["restart", &gpid]);
     krg_ok(&lab, 1, &["kill", &gpid]);
 }
 
 /// Goal: a user other than root may checkpoint, migrate and restart their
-/// own jobs, and their images belong to them (0700). Method: a ticker run
-/// detached by user 65534 on node 1; as that user: `krg checkpoint`
-/// (version 1, its directories 0700 and 65534's, listed by `krg images`
-/// for that user), `krg migrate` to node 3, `krg checkpoint --kill` and
-/// `krg restart` on node 2, then `krg kill`.
+/// own jobs, and read their images, which only root may change (CRIU, as
+/// root, restores what they say). Method: a ticker run detached by user
+/// 65534 on node 1; as that user: `krg checkpoint` (version 1, its
+/// directories root's and writable by nobody else, yet `ls` and `cat` of
+/// its files work for that user and `touch` in it fails; listed by `krg
+/// images` for that user), `krg migrate` to node 3, `krg checkpoint
+/// --kill` and `krg restart` on node 2, then `krg kill`.
 #[test]
 fn lab_migration_user_moves_own_job() {
     let Some(lab) = lab_up() else { return };
@@ -1349,9 +1371,26 @@ fn lab_migration_user_moves_own_job() {
     let own_dir = PathBuf::from(record["path"].as_str().expect("path"));
     for dir in [own_dir.parent().expect("job dir"), own_dir.as_path()] {
         let meta = fs::metadata(dir).expect("image directory");
-        assert_eq!(meta.mode() & 0o777, 0o700, "mode of {}", dir.display());
-        assert_eq!(meta.uid(), NOBODY_UID, "owner of {}", dir.display());
+        assert_eq!(meta.mode() & 0o027, 0, "mode of {}", dir.display());
+        assert_eq!(meta.uid(), 0, "owner of {}", dir.display());
     }
+    let own_meta = own_dir.join("krg.meta");
+    for (program, path) in [("ls", own_dir.as_path()), ("cat", own_meta.as_path())] {
+        let out = as_nobody(&lab, 1, program, &[path.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "{program} {} by its owner: {}",
+            path.display(),
+            show(&out)
+        );
+    }
+    let planted = own_dir.join("planted");
+    let out = as_nobody(&lab, 1, "touch", &[planted.to_str().expect("utf-8")]);
+    assert!(
+        !out.status.success(),
+        "the owner must not change an image: {}",
+        show(&out)
+    );
     let out = krg_as_nobody(&lab, 2, &["images", "--json"]);
     let list: Value = serde_json::from_slice(&out.stdout).expect("json");
     let gpids: Vec<&Value> = list

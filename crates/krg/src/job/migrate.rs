@@ -854,7 +854,7 @@ async fn checkpoint(
     };
     tracing::debug!(gpid = %gpid, us = began.elapsed().as_micros() as u64, "timing: checkpoint frozen, streams taken");
     let store = node.config.image_store.clone();
-    let (version, dir) = match image::create_version_dir(&store, gpid, ctl.spec.uid, ctl.spec.gid) {
+    let (version, dir) = match image::create_version_dir(&store, gpid, ctl.spec.uid) {
         Ok(v) => v,
         Err(e) => {
             taken.give_back(ctl, pumps, tx);
@@ -928,6 +928,7 @@ async fn checkpoint(
     if let Err(e) = image::write_meta(&dir, &meta) {
         tracing::warn!(gpid = %gpid, error = %e, "cannot write the image's metadata");
     }
+    image::grant_owner_read(&dir, ctl.spec.uid);
     tracing::debug!(gpid = %gpid, us = began.elapsed().as_micros() as u64, "timing: checkpoint metadata written");
     let _ = node
         .propose(crate::cluster::types::Command::AddImage(rec.clone()))

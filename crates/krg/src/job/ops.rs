@@ -698,10 +698,23 @@ pub async fn restart(
         ));
     }
     let dir = std::path::PathBuf::from(&rec.path);
-    let meta = tokio::task::spawn_blocking(move || crate::image::read_meta(&dir))
-        .await
-        .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| RemoteError::new(ErrorCode::NotFound, e.to_string()))?;
+    let meta = tokio::task::spawn_blocking(move || {
+        crate::image::check_untampered(&dir).map_err(|e| (ErrorCode::Refused, e))?;
+        crate::image::read_meta(&dir).map_err(|e| (ErrorCode::NotFound, e))
+    })
+    .await
+    .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?
+    .map_err(|(code, e)| RemoteError::new(code, format!("cannot restart job {gpid}: {e}")))?;
+    // The replicated record says whose image it is; the file must agree.
+    if meta.gpid != gpid || meta.spec.uid != rec.uid {
+        return Err(RemoteError::new(
+            ErrorCode::Refused,
+            format!(
+                "cannot restart job {gpid}: the image in {} is of job {} of uid {}, but the cluster recorded job {gpid} of uid {}",
+                rec.path, meta.gpid, meta.spec.uid, rec.uid
+            ),
+        ));
+    }
     let (target, addr) = restart_target(node, gpid, target, &meta).await?;
     let job = super::migrate::RestoreJob {
         spec: meta.spec.clone(),
