@@ -45,3 +45,7 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
 /// Jobs kept in the replicated job table, finished ones included.
 pub const JOB_TABLE_MAX: usize = 100_000;
+
+/// Largest raft snapshot a node takes from its leader (the replicated
+/// state: nodes, tokens, images, policies; far below this).
+pub const SNAPSHOT_BYTES_MAX: u64 = 256 << 20;

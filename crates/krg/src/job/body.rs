@@ -97,8 +97,10 @@ impl BodyCtl {
 
     /// CPU time the job has used in its whole life, in nanoseconds.
     pub fn cpu_ns(&self) -> u64 {
-        self.cpu_ns_before.load(Ordering::SeqCst)
-            + self.cgroup.cpu_ns(self.init_pid.load(Ordering::SeqCst))
+        // What it used before a restore comes from a peer or an image.
+        self.cpu_ns_before
+            .load(Ordering::SeqCst)
+            .saturating_add(self.cgroup.cpu_ns(self.init_pid.load(Ordering::SeqCst)))
     }
 
     pub fn caps(&self) -> Caps {
@@ -122,6 +124,12 @@ impl BodyCtl {
     /// the command's process group; a stop sent that way would be ignored
     /// by a process group without a parent in its session).
     pub fn signal(&self, sig: i32) {
+        // From a `krg run` stream, as sent: only a signal number is passed
+        // on (kill(2) would refuse the rest, or take 0 as a probe).
+        if !(1..=64).contains(&sig) {
+            tracing::debug!(gpid = %self.gpid, sig, "not a signal: ignored");
+            return;
+        }
         let init = self.init_pid.load(Ordering::SeqCst);
         tracing::debug!(gpid = %self.gpid, sig, init, "signal for the job");
         match sig {

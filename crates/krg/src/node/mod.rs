@@ -213,9 +213,24 @@ impl Node {
                 self.raft.append_entries(r).await,
             )),
             PeerRequest::Vote(r) => Ok(PeerResponse::Vote(self.raft.vote(r).await)),
-            PeerRequest::InstallSnapshot(r) => Ok(PeerResponse::InstallSnapshot(
-                self.raft.install_snapshot(r).await,
-            )),
+            PeerRequest::InstallSnapshot(r) => {
+                // openraft writes each chunk at its offset into one buffer:
+                // an offset from the peer must not make it grow without end.
+                let end = r.offset.saturating_add(r.data.len() as u64);
+                if end > krg_types::limits::SNAPSHOT_BYTES_MAX {
+                    tracing::warn!(node = %from, end, "snapshot chunk refused");
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "a snapshot chunk ends at byte {end}, past the {} bytes a snapshot may hold",
+                            krg_types::limits::SNAPSHOT_BYTES_MAX
+                        ),
+                    ));
+                }
+                Ok(PeerResponse::InstallSnapshot(
+                    self.raft.install_snapshot(r).await,
+                ))
+            }
             PeerRequest::Propose(cmd) => {
                 Ok(PeerResponse::Proposed(self.propose_as_leader(cmd).await?))
             }

@@ -100,7 +100,10 @@ impl Balancer for Balance {
         for job in candidates {
             let target = usable
                 .iter()
-                .filter(|n| n.id != me && n.mem_free >= self.cfg.mem_free_min_bytes + job.rss_bytes)
+                .filter(|n| {
+                    n.id != me
+                        && n.mem_free >= self.cfg.mem_free_min_bytes.saturating_add(job.rss_bytes)
+                })
                 .filter(|n| job.allowed.is_empty() || job.allowed.contains(&n.id))
                 .max_by(|a, b| {
                     share_there(a)

@@ -183,6 +183,9 @@ impl SchedConfig {
         if self.min_residence_ms > 24 * 3_600_000 {
             return Err("the minimum residence must be at most 24 h".into());
         }
+        if self.mem_free_min_bytes > 1 << 50 {
+            return Err("the free memory a node must keep must be at most 1 PiB".into());
+        }
         if !(self.migration_bytes_per_s > 0.0 && self.horizon_s > 0.0) {
             return Err("the migration rate and horizon must be positive".into());
         }
@@ -205,5 +208,19 @@ mod tests {
         assert!(toml::from_str::<SchedFile>("bogus = 1").is_err());
         let bad: SchedFile = toml::from_str("threshold = 0.5").unwrap();
         assert!(bad.apply(&SchedConfig::default()).is_err());
+    }
+
+    #[test]
+    fn a_free_memory_floor_past_any_machine_is_refused() {
+        let huge = SchedConfig {
+            mem_free_min_bytes: u64::MAX,
+            ..SchedConfig::default()
+        };
+        assert!(huge.check().unwrap_err().contains("at most 1 PiB"));
+        let fine = SchedConfig {
+            mem_free_min_bytes: 1 << 40,
+            ..SchedConfig::default()
+        };
+        assert_eq!(fine.check(), Ok(()));
     }
 }

@@ -72,7 +72,7 @@ impl Balancer for PackBalancer {
                 .filter(|n| n.usable && n.id != me && room(n) >= need)
                 .filter(|n| (n.load + n.pending) > (mine.load + mine.pending))
                 .filter(|n| job.allowed.is_empty() || job.allowed.contains(&n.id))
-                .filter(|n| n.mem_free >= self.cfg.mem_free_min_bytes + job.rss_bytes)
+                .filter(|n| n.mem_free >= self.cfg.mem_free_min_bytes.saturating_add(job.rss_bytes))
                 .max_by(|a, b| {
                     (a.load + a.pending)
                         .partial_cmp(&(b.load + b.pending))

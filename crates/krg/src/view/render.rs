@@ -56,13 +56,14 @@ impl ProcTexts {
 }
 
 /// Every processor block of every node, numbered 0.. across the cluster;
-/// physical ids are shifted per node so sockets stay distinct.
+/// physical ids are shifted per node so sockets stay distinct. The texts
+/// come from other nodes: every sum saturates rather than overflow.
 pub fn cpuinfo(nodes: &[&ProcTexts]) -> String {
     let mut out = String::new();
     let mut next_cpu = 0;
-    let mut socket_base = 0;
+    let mut socket_base: usize = 0;
     for n in nodes {
-        let mut max_socket = 0;
+        let mut max_socket: usize = 0;
         for block in n.cpuinfo.split("\n\n").filter(|b| !b.trim().is_empty()) {
             for line in block.lines() {
                 let (key, value) = line.split_once(':').unwrap_or((line, ""));
@@ -73,8 +74,8 @@ pub fn cpuinfo(nodes: &[&ProcTexts]) -> String {
                     }
                     "physical id" => {
                         let id: usize = value.trim().parse().unwrap_or(0);
-                        max_socket = max_socket.max(id + 1);
-                        out.push_str(&format!("{key}: {}\n", socket_base + id));
+                        max_socket = max_socket.max(id.saturating_add(1));
+                        out.push_str(&format!("{key}: {}\n", socket_base.saturating_add(id)));
                     }
                     _ => {
                         out.push_str(line);
@@ -84,7 +85,7 @@ pub fn cpuinfo(nodes: &[&ProcTexts]) -> String {
             }
             out.push('\n');
         }
-        socket_base += max_socket.max(1);
+        socket_base = socket_base.saturating_add(max_socket.max(1));
     }
     out
 }
@@ -109,7 +110,7 @@ pub fn meminfo(nodes: &[&ProcTexts]) -> String {
                     .and_then(|(_, v)| v.split_whitespace().next())
                     .and_then(|v| v.parse::<u64>().ok())
             })
-            .sum();
+            .fold(0, u64::saturating_add);
         let unit = if line.trim_end().ends_with("kB") {
             " kB"
         } else {
@@ -131,8 +132,8 @@ pub fn loadavg(nodes: &[&ProcTexts]) -> String {
             *slot += f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         }
         if let Some((r, t)) = f.get(3).and_then(|v| v.split_once('/')) {
-            running += r.parse::<u64>().unwrap_or(0);
-            total += t.parse::<u64>().unwrap_or(0);
+            running = running.saturating_add(r.parse::<u64>().unwrap_or(0));
+            total = total.saturating_add(t.parse::<u64>().unwrap_or(0));
         }
         if i == 0 {
             last_pid = f.get(4).unwrap_or(&"0").to_string();
@@ -155,7 +156,7 @@ fn add_into(acc: &mut Vec<u64>, v: &[u64]) {
         acc.resize(v.len(), 0);
     }
     for (a, b) in acc.iter_mut().zip(v) {
-        *a += b;
+        *a = a.saturating_add(*b);
     }
 }
 
@@ -252,6 +253,20 @@ mod tests {
             uptime: "100.00 150.00\n".into(),
             loadavg: format!("{load} 1/100 4242\n"),
         }
+    }
+
+    #[test]
+    fn numbers_too_large_from_a_peer_saturate() {
+        let mut a = node(1, u64::MAX, "1.00 0.50 0.25");
+        a.cpuinfo = format!("processor\t: 0\nphysical id\t: {}\n\n", usize::MAX);
+        a.loadavg = format!("1.00 0.50 0.25 {0}/{0} 1\n", u64::MAX);
+        a.stat = format!("cpu  {} 0 0 0\n", u64::MAX);
+        let b = node(1, 10, "1.00 0.50 0.25");
+        let nodes = [&a, &b];
+        assert!(cpuinfo(&nodes).contains(&format!("physical id\t: {}\n", usize::MAX)));
+        assert!(meminfo(&nodes).contains(&format!("MemTotal:       {} kB", u64::MAX)));
+        assert!(loadavg(&nodes).contains(&format!(" {0}/{0} ", u64::MAX)));
+        assert!(stat(&nodes).starts_with(&format!("cpu  {} ", u64::MAX)));
     }
 
     #[test]
