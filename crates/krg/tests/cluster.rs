@@ -810,7 +810,10 @@ fn random_hex(rng: &mut impl Rng, bytes: usize) -> String {
 /// node 1 without a token, with a malformed token, a made-up token, a token
 /// with the right CA hash but a made-up secret, an expired token and a token
 /// already used (the one node 2 joined with, read from its command line);
-/// the member logs each refusal, and every node still lists 3 nodes up.
+/// the member logs each refusal, commits nothing for any of them (its raft
+/// applied index, in `krg cluster status --json`, stays where it was:
+/// anyone may try a token, and failed tries must not grow the log), and
+/// every node still lists 3 nodes up.
 #[test]
 fn lab_join_is_refused_without_a_valid_token() {
     if !require_root_or_skip() {
@@ -881,6 +884,12 @@ fn lab_join_is_refused_without_a_valid_token() {
         ("expired", Some(expired), "expired", true),
         ("already used", Some(used), "already used", true),
     ];
+    let applied = |k: u32| -> u64 {
+        let status: Value =
+            serde_json::from_str(&krg(&lab, k, &["cluster", "status", "--json"])).expect("json");
+        status["applied_index"].as_u64().expect("applied_index")
+    };
+    let applied_before = applied(1);
     for (i, (what, token, wanted, member_logs)) in cases.into_iter().enumerate() {
         step(&format!("join with {what}"));
         let state = scratch.join(format!("state{i}"));
@@ -917,6 +926,12 @@ fn lab_join_is_refused_without_a_valid_token() {
             wait_log_line(&lab, 1, offset, &["join refused", wanted]);
         }
     }
+
+    assert_eq!(
+        applied(1),
+        applied_before,
+        "refused joins committed entries to the raft log"
+    );
 
     step("the cluster still lists its 3 nodes, all up");
     wait_all_up(&lab, &[1, 2, 3], &ids, FORM_TIMEOUT);

@@ -241,5 +241,6 @@ fn status(node: &Node) -> ClusterStatus {
         leader: node.leader(),
         voters: node.voters(),
         nodes: views.iter().map(|v| (v.id, v.state)).collect(),
+        applied_index: node.state.read(|d| d.last_applied.map_or(0, |l| l.index)),
     }
 }

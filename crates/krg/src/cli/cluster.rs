@@ -149,6 +149,7 @@ fn status(json: bool) -> anyhow::Result<i32> {
             "leader": s.leader.map(|l| l.get()),
             "voters": s.voters.iter().map(|v| v.get()).collect::<Vec<_>>(),
             "nodes": s.nodes.iter().map(|(id, st)| serde_json::json!({"id": id.get(), "state": st.as_str()})).collect::<Vec<_>>(),
+            "applied_index": s.applied_index,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);

@@ -127,6 +127,16 @@ impl ClusterState {
         }
     }
 
+    /// Why a join with this token would be refused now, if it would.
+    pub fn token_refusal(&self, token_hash: &str, now_ms: u64) -> Option<&'static str> {
+        match self.tokens.get(token_hash) {
+            None => Some("the join token is not valid for this cluster"),
+            Some(t) if t.used => Some("the join token was already used"),
+            Some(t) if t.expires_at_ms <= now_ms => Some("the join token has expired"),
+            Some(_) => None,
+        }
+    }
+
     fn admit(
         &mut self,
         token_hash: &str,
@@ -136,19 +146,11 @@ impl ClusterState {
         spki_sha256: &str,
         version: &str,
     ) -> CommandResult {
-        match self.tokens.get_mut(token_hash) {
-            None => {
-                return CommandResult::Refused(
-                    "the join token is not valid for this cluster".into(),
-                )
-            }
-            Some(t) if t.used => {
-                return CommandResult::Refused("the join token was already used".into())
-            }
-            Some(t) if t.expires_at_ms <= now_ms => {
-                return CommandResult::Refused("the join token has expired".into())
-            }
-            Some(t) => t.used = true,
+        if let Some(reason) = self.token_refusal(token_hash, now_ms) {
+            return CommandResult::Refused(reason.into());
+        }
+        if let Some(t) = self.tokens.get_mut(token_hash) {
+            t.used = true;
         }
         if self.nodes.len() >= NODES_MAX || usize::from(self.next_node_id) > NODES_MAX {
             return CommandResult::Refused(format!("the cluster is full ({NODES_MAX} nodes)"));

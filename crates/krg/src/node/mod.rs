@@ -32,6 +32,9 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROPOSE_ATTEMPTS_MAX: u32 = 40;
 /// Time allowed for one forwarded request to the leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a join with a token this node does not know waits before it
+/// looks again (the token may be committed but not yet applied here).
+const TOKEN_RECHECK: Duration = Duration::from_millis(500);
 
 pub struct Node {
     pub config: NodeConfig,
@@ -382,8 +385,26 @@ impl Node {
                 ))
             }
         };
+        let token_hash = token::secret_hash(&req.token_secret);
+        // Checked against this node's copy of the state before anything is
+        // proposed, so that attempts with bad tokens (anyone may try) do not
+        // grow the raft log; the state machine checks again. A token made
+        // a moment ago may not have reached this node yet: looked at again
+        // once, after a commit's time.
+        let refusal = |now| {
+            self.state
+                .read(|d| d.state.token_refusal(&token_hash, now).map(str::to_owned))
+        };
+        let mut refused = refusal(now_ms());
+        if refused.is_some() {
+            tokio::time::sleep(TOKEN_RECHECK).await;
+            refused = refusal(now_ms());
+        }
+        if let Some(reason) = refused {
+            return Err(err(ErrorCode::BadToken, reason));
+        }
         let cmd = Command::Admit {
-            token_hash: token::secret_hash(&req.token_secret),
+            token_hash,
             now_ms: now_ms(),
             addr: req.addr.clone(),
             hostname: req.hostname.clone(),

@@ -105,6 +105,8 @@ pub struct ClusterStatus {
     pub leader: Option<NodeId>,
     pub voters: Vec<NodeId>,
     pub nodes: Vec<(NodeId, NodeState)>,
+    /// Index of the last raft entry this node applied (0: none yet).
+    pub applied_index: u64,
 }
 
 /// One line of `krg nodes`: the replicated record with this node's view of
