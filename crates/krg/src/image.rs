@@ -160,19 +160,7 @@ pub fn create_version_dir(
     gpid: Gpid,
     uid: u32,
 ) -> Result<(u32, PathBuf), ImageError> {
-    let job = job_dir(store, gpid);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&job)
-        .map_err(io("cannot create the image directory", &job))?;
-    // Made by an older krg, the job's directory may belong to its owner:
-    // it becomes root's, as the versions below it must be.
-    nix::unistd::chown(&job, Some(0.into()), Some(0.into()))
-        .map_err(|e| io("cannot make root own", &job)(e.into()))?;
-    fs::set_permissions(&job, fs::Permissions::from_mode(0o700))
-        .map_err(io("cannot make private", &job))?;
-    grant_owner_read_of(&job, uid);
+    claim_job_dir(store, gpid, uid)?;
     // Another checkpoint of the same job may race: take the first free N.
     let mut n = versions(store, gpid).last().copied().unwrap_or(0) + 1;
     loop {
@@ -186,6 +174,25 @@ pub fn create_version_dir(
             Err(e) => return Err(io("cannot create the image directory", &dir)(e)),
         }
     }
+}
+
+/// Makes `<store>/<job>` root's and private (readable by `uid` where the
+/// file system has ACLs), before a checkpoint or a move writes below it.
+pub fn claim_job_dir(store: &Path, gpid: Gpid, uid: u32) -> Result<PathBuf, ImageError> {
+    let job = job_dir(store, gpid);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&job)
+        .map_err(io("cannot create the image directory", &job))?;
+    // Made by an older krg, the job's directory may belong to its owner:
+    // it becomes root's, as the versions below it must be.
+    nix::unistd::chown(&job, Some(0.into()), Some(0.into()))
+        .map_err(|e| io("cannot make root own", &job)(e.into()))?;
+    fs::set_permissions(&job, fs::Permissions::from_mode(0o700))
+        .map_err(io("cannot make private", &job))?;
+    grant_owner_read_of(&job, uid);
+    Ok(job)
 }
 
 /// Lets the job's owner `uid` read the files of a version directory once

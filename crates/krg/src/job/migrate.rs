@@ -425,6 +425,18 @@ async fn migrate(
     let (dump_tx, dump_rx) = std::sync::mpsc::channel();
     let criu = node.criu.clone();
     let pending_dump = tokio::task::spawn_blocking(move || criu.dump_when_asked(dump_rx));
+    // The move's images go below the job's directory, which nobody but
+    // root may change (the target restores what they say).
+    let store = node.config.image_store.clone();
+    let job_dir = match image::claim_job_dir(&store, gpid, ctl.spec.uid) {
+        Ok(d) => d,
+        Err(e) => {
+            return (
+                Err(internal(format!("cannot migrate job {gpid}: {e}"))),
+                After::Stay,
+            )
+        }
+    };
     if let Err(e) = hold_deputy(pumps, tx).await {
         let _ = tx.send(FromBody::Resumed).await;
         return (Err(e), After::Stay);
@@ -437,8 +449,7 @@ async fn migrate(
         }
     };
     let frozen_at = Instant::now();
-    let store = node.config.image_store.clone();
-    let dir = image::job_dir(&store, gpid).join(format!("migrate-{}", now_ms()));
+    let dir = job_dir.join(format!("migrate-{}", now_ms()));
     let keys = pumps_keys(ctl);
     let mut req = dump_request(node, ctl, &keys, dir.clone());
     let port = if mode == MigrateMode::Lazy {
