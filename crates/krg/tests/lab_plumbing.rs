@@ -729,6 +729,13 @@ fn daemons_start_join_die_and_restart() {
         stdout_of(&lab.run(2, &["pwd"]).expect("runs on node 2")),
         cwd.to_str().expect("utf-8 cwd")
     );
+    let mut pwd = lab.command(2, "pwd").expect("a command on node 2");
+    pwd.current_dir("/tmp");
+    assert_eq!(
+        stdout_of(&pwd.output().expect("runs on node 2")),
+        "/tmp",
+        "the directory the command was given, not the caller's"
+    );
 
     eprintln!("--- kill node 2");
     lab.kill(2).expect("kill");

@@ -7,11 +7,9 @@
 //! async-signal-safe system calls (write, setns, setsid) and allocates
 //! nothing: the parent may be a multi-threaded test harness.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,12 +33,14 @@ pub struct Entry {
     daemon_mounts: Option<DaemonMounts>,
 }
 
-/// The mount namespace of a node's daemon, and the directory to go back to
-/// once in it (entering a mount namespace moves a process to its root).
+/// The mount namespace of a node's daemon, and room for the directory to
+/// go back to once in it (entering a mount namespace moves a process to its
+/// root). The directory is read in the child, after `Command::current_dir`
+/// has taken it there, into this buffer made before fork.
 #[derive(Debug)]
 struct DaemonMounts {
     ns: OwnedFd,
-    cwd: CString,
+    cwd: Vec<u8>,
 }
 
 impl Entry {
@@ -72,9 +72,7 @@ impl Entry {
     /// node's jobs do, in the caller's working directory.
     pub fn enter_daemon_mounts(&mut self, daemon: u32) -> Result<()> {
         let ns = open_ns(Path::new(&format!("/proc/{daemon}/ns/mnt")))?;
-        let cwd = std::env::current_dir().context("krg lab: cannot read the working directory")?;
-        let cwd = CString::new(cwd.as_os_str().as_bytes())
-            .map_err(|_| anyhow!("krg lab: {} holds a NUL byte", cwd.display()))?;
+        let cwd = vec![0u8; libc::PATH_MAX as usize + 1];
         self.daemon_mounts = Some(DaemonMounts { ns, cwd });
         Ok(())
     }
@@ -96,7 +94,7 @@ impl Entry {
     ///
     /// Async-signal-safe: system calls on fds opened earlier, no allocation
     /// (io::Error::last_os_error and from_raw_os_error do not allocate).
-    fn enter(&self) -> io::Result<()> {
+    fn enter(&mut self) -> io::Result<()> {
         for fd in &self.procs {
             // SAFETY: `fd` is an open descriptor owned by `self`, and the
             // buffer is a 1-byte static string.
@@ -113,11 +111,17 @@ impl Entry {
         if let Some(mounts) = &self.own_mounts {
             mounts.enter()?;
         }
-        if let Some(mounts) = &self.daemon_mounts {
+        if let Some(mounts) = &mut self.daemon_mounts {
+            let buf = mounts.cwd.as_mut_ptr().cast::<libc::c_char>();
+            // SAFETY: getcwd writes at most `len` bytes, NUL included, into
+            // the buffer made before fork; chdir reads that string back.
+            if unsafe { libc::getcwd(buf, mounts.cwd.len()) }.is_null() {
+                return Err(io::Error::last_os_error());
+            }
             setns(&mounts.ns, CloneFlags::CLONE_NEWNS)
                 .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-            // SAFETY: chdir on a NUL-terminated string made before fork.
-            if unsafe { libc::chdir(mounts.cwd.as_ptr()) } != 0 {
+            // SAFETY: as above.
+            if unsafe { libc::chdir(buf) } != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -134,7 +138,8 @@ impl Entry {
         // async-signal-safe (see there); the fds it uses are owned by the
         // closure, which the Command keeps alive until it is dropped.
         unsafe {
-            command.pre_exec(move || self.enter());
+            let mut entry = self;
+            command.pre_exec(move || entry.enter());
         }
     }
 }
