@@ -196,9 +196,9 @@ pub fn claim_job_dir(store: &Path, gpid: Gpid, uid: u32) -> Result<PathBuf, Imag
 }
 
 /// Lets the job's owner `uid` read the files of a version directory once
-/// they are written (CRIU's and `krg.meta`).
+/// they are written (CRIU's and `krg.meta`); `create_version_dir` has let
+/// it into the directory.
 pub fn grant_owner_read(dir: &Path, uid: u32) {
-    grant_owner_read_of(dir, uid);
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
