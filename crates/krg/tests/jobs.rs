@@ -1411,7 +1411,9 @@ impl Drop for Mounted {
 /// propagates); one job, so that an init made since waits; then a second
 /// tmpfs mounted inside the first, with a file, and `krg run --node 1 cat`
 /// of that file (it fails if the waiting init's mounts stop following the
-/// node's).
+/// node's). Then the same under a private tmpfs, whose mounts no waiting
+/// init receives: the job must see it all the same (a waiting init made
+/// before the node's mounts changed is not used).
 #[test]
 fn lab_jobs_see_mounts_made_while_krgd_runs() {
     let Some(lab) = lab_up() else { return };
@@ -1442,4 +1444,27 @@ fn lab_jobs_see_mounts_made_while_krgd_runs() {
     assert_eq!(stdout(&out), "mounted after krgd started\n");
     drop(late);
     drop(outer);
+
+    step("a tmpfs mounted on a private one");
+    let private = Mounted::tmpfs(daemon, &scratch.join("private"));
+    private.mount(&["--make-private"]);
+    let first = run(krg_cmd(&lab, 1, &["run", "--node", "1", "true"]));
+    assert!(first.status.success(), "{}", show(&first));
+    lab::wait_until(WAIT, "an init waiting for the next job on node 1", || {
+        let waiting = children_of(daemon).into_iter().any(is_waiting_init);
+        waiting.then_some(()).ok_or("none yet")
+    })
+    .unwrap();
+    let late = Mounted::tmpfs(daemon, &private.dir.join("late"));
+    let file = late.dir.join("hello");
+    fs::write(late.reach(&file), "mounted on a private mount\n").expect("write");
+    let out = run(krg_cmd(
+        &lab,
+        1,
+        &["run", "--node", "1", "cat", file.to_str().expect("utf-8")],
+    ));
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out), "mounted on a private mount\n");
+    drop(late);
+    drop(private);
 }

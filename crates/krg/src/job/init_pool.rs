@@ -11,8 +11,11 @@
 //!
 //! Its mount namespace is a copy of the node's whose mounts it makes
 //! slaves of the node's (krg-init makes the job's mounts private only once
-//! it has its job), so a mount made on the node while it waits is there for
-//! the job; meanwhile it mounts the job's /proc and binds the cluster
+//! it has its job), so a mount made on a shared mount of the node's while
+//! it waits is there for the job. A mount on a private one (a container's
+//! mounts often are) would not be: a waiting init is not used once the
+//! node's mounts changed since it was made (`/proc/self/mountinfo` polls
+//! as changed). Meanwhile it mounts the job's /proc and binds the cluster
 //! view's files over it (`POOLED_VIEW_ENV`), 0.45 ms a launch no longer
 //! waits for. A waiting
 //! init runs the krg-init binary of its time: one older than
@@ -40,6 +43,9 @@ pub const MAX_AGE: Duration = Duration::from_secs(30);
 /// One init waiting for its job, and how to make the next.
 pub struct InitPool {
     program: PathBuf,
+    /// `krgd`'s `/proc/self/mountinfo`, which polls as changed after a
+    /// mount or unmount in the node's mount namespace.
+    node_mounts: Option<std::fs::File>,
     /// The node's cluster view, once mounted: a waiting init binds it ahead.
     view: OnceLock<PathBuf>,
     waiting: Mutex<Option<Waiting>>,
@@ -57,6 +63,7 @@ impl InitPool {
     pub fn new(program: PathBuf) -> InitPool {
         InitPool {
             program,
+            node_mounts: std::fs::File::open("/proc/self/mountinfo").ok(),
             view: OnceLock::new(),
             waiting: Mutex::new(None),
             filling: AtomicBool::new(false),
@@ -68,14 +75,33 @@ impl InitPool {
         let _ = self.view.set(dir);
     }
 
-    /// The waiting init, if there is one young enough.
+    /// The waiting init, if there is one young enough, made since the
+    /// node's mounts last changed.
     pub fn take(&self) -> Option<Waiting> {
+        let mounts_changed = self.node_mounts_changed();
         let waiting = self
             .waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()?;
-        (waiting.born.elapsed() < MAX_AGE).then_some(waiting)
+        (!mounts_changed && waiting.born.elapsed() < MAX_AGE).then_some(waiting)
+    }
+
+    /// Whether the node's mounts changed since the last call: the poll
+    /// reports each change once.
+    fn node_mounts_changed(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let Some(file) = &self.node_mounts else {
+            return false;
+        };
+        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLPRI | PollFlags::POLLERR)),
+            _ => false,
+        }
     }
 
     /// Starts the next waiting init, in the background, unless one waits
