@@ -12,6 +12,10 @@ use std::path::Path;
 /// backslash as `\ooo`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
+    /// The mount's id, unique in the namespace.
+    pub id: u32,
+    /// The id of the mount it is mounted on (its own for a namespace's root).
+    pub parent: u32,
     /// The file system's device, as `st_dev` of its files.
     pub device: libc::dev_t,
     /// The directory of the file system mounted here (`/` unless a bind).
@@ -44,7 +48,9 @@ pub fn own() -> std::io::Result<Vec<Mount>> {
 
 fn parse_line(line: &str) -> Option<Mount> {
     let (left, right) = line.split_once(" - ")?;
-    let mut left = left.split(' ').skip(2);
+    let mut left = left.split(' ');
+    let id = left.next()?.parse().ok()?;
+    let parent = left.next()?.parse().ok()?;
     let (major, minor) = left.next()?.split_once(':')?;
     let root = left.next()?;
     let mount_point = left.next()?;
@@ -54,6 +60,8 @@ fn parse_line(line: &str) -> Option<Mount> {
     let source = right.next()?;
     let super_options = right.next().unwrap_or_default();
     Some(Mount {
+        id,
+        parent,
         device: libc::makedev(major.parse().ok()?, minor.parse().ok()?),
         root: unescape(root),
         mount_point: unescape(mount_point),
@@ -108,6 +116,8 @@ garbage line\n\
         assert_eq!(
             mounts[0],
             Mount {
+                id: 51,
+                parent: 50,
                 device: libc::makedev(254, 0),
                 root: "/".into(),
                 mount_point: "/".into(),

@@ -1014,6 +1014,87 @@ fn lab_migration_a_file_only_the_source_node_has_is_refused() {
     );
 }
 
+/// Goal: a mount only the source node has, which the job holds (its mount
+/// namespace copied it) but does not use, stays behind when the job moves,
+/// as a job started on the target never had it; a job working in it is
+/// refused, naming it; a restart on a node without it is refused, naming
+/// the mount. Method: a tmpfs mounted in node 1's daemon namespace below
+/// the node's own directory (`Lab::local_dir`), so nodes 2 and 3 have no
+/// such path; a job on node 1 started after it counts every 10 ms and says
+/// on each stdin line whether it still sees the mount. Before the mount
+/// points were checked, CRIU failed the restore on node 2 after the
+/// freeze (`Can't stat mountpoint`).
+#[test]
+fn lab_migration_a_mount_only_the_source_node_has_stays_behind() {
+    let Some(lab) = lab_up() else { return };
+    let point = lab.local_dir().join("mnt");
+    let point = point.to_str().expect("utf-8 path").to_string();
+    for args in [
+        vec!["mkdir", &point],
+        vec!["mount", "-t", "tmpfs", "krg-test", &point],
+    ] {
+        let out = lab.run(1, &args).expect("a command on node 1");
+        assert!(out.status.success(), "{args:?} on node 1: {}", show(&out));
+    }
+    let counter = "import os, sys, threading, time\n\
+                   def answer():\n    for _ in sys.stdin:\n        \
+                   os.write(1, b'mounted %s\\n' % (b'yes' if os.path.ismount(sys.argv[1]) else b'no'))\n\
+                   threading.Thread(target=answer, daemon=True).start()\n\
+                   i = 0\n\
+                   while True:\n    os.write(1, b'%d\\n' % i)\n    i += 1\n    time.sleep(0.01)\n";
+    let script = format!("echo gpid $KRG_GPID; exec {PYTHON} -c \"$0\" {point}");
+    let mut job = krg_run(&lab, 1, &["sh", "-c", &script, counter], true);
+    let gpid = job.gpid();
+    expect_count(&mut job, 10);
+    job.write_line("?");
+    job.expect_line(|l| l == "mounted yes", "the job sees node 1's mount");
+
+    step("a job working in the mount is refused");
+    let worker = format!("echo gpid $KRG_GPID; cd {point} && exec sleep 600");
+    let mut working = krg_run(&lab, 1, &["sh", "-c", &worker], false);
+    let working_gpid = working.gpid();
+    let out = krg(&lab, 1, &["migrate", &working_gpid, "2"]);
+    let err = krg_refused(&out, "migration of a job working in node 1's own mount");
+    assert_eq!(
+        err,
+        format!("krg: cannot migrate job {working_gpid}: it works in {point}, which node 2 does not have\n")
+    );
+    krg_ok(&lab, 1, &["kill", &working_gpid]);
+    working.finish(WAIT);
+
+    step("saved with the mount: not restarted on node 2");
+    krg_ok(&lab, 1, &["checkpoint", &gpid, "--kill"]);
+    let out = krg(&lab, 1, &["restart", &gpid, "--node", "2"]);
+    let err = krg_refused(&out, "a restart on a node without the job's mount");
+    assert_eq!(
+        err,
+        format!(
+            "krg: cannot restart job {gpid} on node 2: its mount namespace has {point} mounted, which node 2 does not have; it was saved on node 1 (try --node 1)\n"
+        )
+    );
+    krg_ok(&lab, 1, &["restart", &gpid, "--node", "1"]);
+    let last = numbers(job.drain()).last().copied().unwrap_or(0);
+    expect_count(&mut job, last + 20);
+
+    step("moved to node 2: the mount stays behind");
+    for mode in ["lazy", "stop"] {
+        migrate(&lab, 1, &gpid, 2, mode);
+        wait_running_on(&lab, 1, &gpid, 2);
+        let last = numbers(job.drain()).last().copied().unwrap_or(0);
+        expect_count(&mut job, last + 20);
+        job.write_line("?");
+        job.expect_line(|l| l == "mounted no", "no mount at that path on node 2");
+        migrate(&lab, 1, &gpid, 1, mode);
+        wait_running_on(&lab, 1, &gpid, 1);
+    }
+    let lines = kill_ends_with_143(&lab, 1, &gpid, &mut job, "job that held a mount");
+    assert_consecutive(
+        &numbers(&lines),
+        0,
+        "the numbers of the job that held a mount",
+    );
+}
+
 /// When `move_to_dying_node` kills the target.
 #[derive(Clone, Copy, Debug)]
 enum KillWhen {

@@ -250,7 +250,8 @@ pub fn node_local_mounts(pid: i32) -> std::io::Result<Vec<String>> {
     Ok(mount_points_where(&mounts, is_node_local))
 }
 
-fn is_node_local(m: &Mount) -> bool {
+/// Whether `m` is one of the node's own mounts, never dumped.
+pub(crate) fn is_node_local(m: &Mount) -> bool {
     m.fstype == NSFS || (m.fstype.starts_with("fuse") && m.source == VIEW_SOURCE && m.root == "/")
 }
 

@@ -215,19 +215,36 @@ pub fn obstacle(ctl: &BodyCtl) -> Option<String> {
 }
 
 /// Refuses a move to `target` if it lacks a file the job uses (see
-/// [`super::needed_files`]).
+/// [`super::needed_files`]); returns the mount points of the node's
+/// mounts it lacks, which the job leaves behind ([`super::held_mounts`]).
 async fn target_has_files(
     node: &Arc<Node>,
     ctl: &BodyCtl,
     target: NodeId,
     addr: &str,
-) -> Result<(), RemoteError> {
-    let pids = ctl.cgroup.pids();
-    let files = tokio::task::spawn_blocking(move || super::needed_files::of_processes(&pids))
+) -> Result<Vec<String>, RemoteError> {
+    let files = tokio::task::spawn_blocking(job_files(ctl))
         .await
         .map_err(|e| internal(format!("cannot list the files of job {}: {e}", ctl.gpid)))?;
     let doing = format!("migrate job {}", ctl.gpid);
-    super::needed_files::check_target(node, &doing, target, addr, files).await
+    let leave = super::needed_files::LackedMount::LeaveBehind;
+    let left_behind =
+        super::needed_files::check_target(node, &doing, target, addr, files, leave).await?;
+    if !left_behind.is_empty() {
+        tracing::info!(gpid = %ctl.gpid, %target, mounts = ?left_behind, "the job leaves behind mounts the target lacks");
+    }
+    Ok(left_behind)
+}
+
+/// What lists the files and mount points of the job a target must have.
+fn job_files(ctl: &BodyCtl) -> impl FnOnce() -> Vec<super::needed_files::NeededFile> {
+    let pids = ctl.cgroup.pids();
+    let init = ctl.init_pid.load(Ordering::SeqCst);
+    move || {
+        let mut files = super::needed_files::of_processes(&pids);
+        files.extend(super::held_mounts::of_job(init));
+        files
+    }
 }
 
 fn allowed_device(path: &str) -> bool {
@@ -413,10 +430,10 @@ async fn migrate(
             return Err(refused(why));
         }
         ready(ctl, "migrate").await?;
-        target_has_files(node, ctl, target, &rec.addr).await?;
-        Ok((rec.addr, resolve_mode(mode)?))
+        let left_behind = target_has_files(node, ctl, target, &rec.addr).await?;
+        Ok((rec.addr, resolve_mode(mode)?, left_behind))
     };
-    let (target_addr, mode) = match checks.await {
+    let (target_addr, mode, left_behind) = match checks.await {
         Ok(v) => v,
         Err(e) => return (Err(e), After::Stay),
     };
@@ -452,6 +469,7 @@ async fn migrate(
     let dir = job_dir.join(format!("migrate-{}", now_ms()));
     let keys = pumps_keys(ctl);
     let mut req = dump_request(node, ctl, &keys, dir.clone());
+    req.skip_mounts = left_behind;
     let port = if mode == MigrateMode::Lazy {
         free_port()
     } else {
@@ -851,8 +869,7 @@ async fn checkpoint(
     let criu = node.criu.clone();
     let pending_dump = tokio::task::spawn_blocking(move || criu.dump_when_asked(dump_rx));
     // What a restart elsewhere will need, listed while CRIU starts.
-    let pids = ctl.cgroup.pids();
-    let listing = tokio::task::spawn_blocking(move || super::needed_files::of_processes(&pids));
+    let listing = tokio::task::spawn_blocking(job_files(ctl));
     if kill {
         if let Err(e) = hold_deputy(pumps, tx).await {
             let _ = tx.send(FromBody::Resumed).await;

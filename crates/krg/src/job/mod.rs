@@ -13,6 +13,7 @@ pub mod cgroup_moves;
 pub mod deputy_link;
 pub mod fdio;
 pub mod gpid;
+pub mod held_mounts;
 pub mod home;
 pub mod init_pool;
 pub mod link;

@@ -43,6 +43,26 @@ pub enum Use {
     WorksIn,
     HasOpen,
     Maps,
+    /// A mount of the node's in the job's mount namespace (`super::held_mounts`):
+    /// only its mount point's existence matters, and a move may leave it behind.
+    HoldsMount,
+    /// The mount point of a file system the job mounted itself.
+    MadeMount,
+}
+
+impl Use {
+    fn is_mount(self) -> bool {
+        matches!(self, Use::HoldsMount | Use::MadeMount)
+    }
+}
+
+/// What a check does with a mount of the node's the target lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LackedMount {
+    /// A move: the job leaves it behind.
+    LeaveBehind,
+    /// A restart: its images hold the mount, the target is refused.
+    Refuse,
 }
 
 /// A file the target must have.
@@ -238,6 +258,11 @@ fn mismatch(file: &NeededFile) -> Option<Mismatch> {
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Some(Mismatch::Missing),
         Err(e) => return Some(Mismatch::Unreadable(e.to_string())),
     };
+    // CRIU binds a mount of the node's from the same path as its mount
+    // point: whatever is there will do.
+    if file.how == Use::HoldsMount {
+        return None;
+    }
     if meta.is_dir() != file.dir {
         return Some(Mismatch::OtherKind {
             dir_there: meta.is_dir(),
@@ -253,16 +278,19 @@ fn mismatch(file: &NeededFile) -> Option<Mismatch> {
 }
 
 /// Refuses `doing` (`migrate job 1:7`) on `target` (at `addr`, or this
-/// node) if the target lacks one of `files`.
+/// node) if the target lacks one of `files`. Returns the mount points of
+/// the node's mounts the target lacks when `lacked` lets the job leave
+/// them behind.
 pub async fn check_target(
     node: &Arc<Node>,
     doing: &str,
     target: NodeId,
     addr: &str,
     files: Vec<NeededFile>,
-) -> Result<(), RemoteError> {
+    lacked: LackedMount,
+) -> Result<Vec<String>, RemoteError> {
     if files.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let found = if target == node.id {
         answer(files.clone()).await?
@@ -293,13 +321,13 @@ pub async fn check_target(
         }
     };
     // An index the question did not have is the peer's fault: skipped.
-    let found: Vec<(NeededFile, Mismatch)> = found
+    let (left_behind, found): (Vec<_>, Vec<_>) = found
         .into_iter()
         .filter_map(|(i, m)| Some((files.get(i as usize)?.clone(), m)))
-        .collect();
+        .partition(|(f, _)| f.how == Use::HoldsMount && lacked == LackedMount::LeaveBehind);
     match refusal(doing, target, &found) {
         Some(why) => Err(RemoteError::new(ErrorCode::Refused, why)),
-        None => Ok(()),
+        None => Ok(left_behind.into_iter().map(|(f, _)| f.path).collect()),
     }
 }
 
@@ -315,6 +343,8 @@ pub fn refusal(
         Use::WorksIn => format!("it works in {}", file.path),
         Use::HasOpen => format!("it has {} open", file.path),
         Use::Maps => format!("it maps {}", file.path),
+        Use::HoldsMount => format!("its mount namespace has {} mounted", file.path),
+        Use::MadeMount => format!("it mounted a file system on {}", file.path),
     };
     let what = match why {
         Mismatch::Missing => format!("which node {target} does not have"),
@@ -329,9 +359,13 @@ pub fn refusal(
         }
         Mismatch::Unreadable(e) => format!("which node {target} cannot read ({e})"),
     };
+    let noun = if file.how.is_mount() { "mount" } else { "file" };
     let more = match found.len() - 1 {
         0 => String::new(),
-        n => format!(" (and {n} more such file{})", if n == 1 { "" } else { "s" }),
+        n => format!(
+            " (and {n} more such {noun}{})",
+            if n == 1 { "" } else { "s" }
+        ),
     };
     Some(format!("cannot {doing}: {how}, {what}{more}"))
 }
@@ -434,6 +468,27 @@ mod tests {
             ]
         );
         assert_eq!(mismatches_here(&asked, 1).len(), 1);
+
+        let mount = |path: &Path, dir: bool, how| NeededFile {
+            path: path.to_string_lossy().into_owned(),
+            dir,
+            size: None,
+            how,
+        };
+        let mounts = vec![
+            mount(&same, true, Use::HoldsMount),
+            mount(&dir.join("gone"), true, Use::HoldsMount),
+            mount(&same, true, Use::MadeMount),
+        ];
+        let found: Vec<(u32, Mismatch)> = mismatches_here(&mounts, 10);
+        assert_eq!(
+            found,
+            vec![
+                (1, Mismatch::Missing),
+                (2, Mismatch::OtherKind { dir_there: false }),
+            ],
+            "a node's mount is bound from whatever its path holds; the job's own needs a mount point of its kind"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -468,6 +523,28 @@ mod tests {
         assert_eq!(
             refusal("restart job 1:7", 3, &two).unwrap(),
             "cannot restart job 1:7: it maps /usr/lib/libx.so, which is another file on node 3 (10 bytes there, 12 here) (and 1 more such file)"
+        );
+    }
+
+    #[test]
+    fn the_refusal_names_a_mount() {
+        let f = |how| NeededFile {
+            path: "/run/user/1000".into(),
+            dir: true,
+            size: None,
+            how,
+        };
+        assert_eq!(
+            refusal("restart job 1:7 on node 2", 2, &[(f(Use::HoldsMount), Mismatch::Missing)]).unwrap(),
+            "cannot restart job 1:7 on node 2: its mount namespace has /run/user/1000 mounted, which node 2 does not have"
+        );
+        let two = [
+            (f(Use::MadeMount), Mismatch::OtherKind { dir_there: false }),
+            (f(Use::HoldsMount), Mismatch::Missing),
+        ];
+        assert_eq!(
+            refusal("migrate job 1:7", 2, &two).unwrap(),
+            "cannot migrate job 1:7: it mounted a file system on /run/user/1000, which is not a directory on node 2 (and 1 more such mount)"
         );
     }
 

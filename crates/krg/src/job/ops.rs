@@ -654,9 +654,11 @@ async fn restart_target(
     let check = |target: NodeId| async move {
         let addr = addr_of(node, target).ok_or_else(|| not_found(gpid))?;
         let doing = format!("restart job {gpid} on node {target}");
-        super::needed_files::check_target(node, &doing, target, &addr, meta.files.clone())
+        let files = meta.files.clone();
+        let refuse = super::needed_files::LackedMount::Refuse;
+        super::needed_files::check_target(node, &doing, target, &addr, files, refuse)
             .await
-            .map(|()| (target, addr))
+            .map(|_| (target, addr))
     };
     let target = super::place::choose_among(node, pinned, &[])?;
     let refused = match check(target).await {

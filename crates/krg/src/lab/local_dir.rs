@@ -55,9 +55,9 @@ impl OwnMounts {
         Ok(OwnMounts { local_dir })
     }
 
-    /// A new mount namespace for this process, a fresh tmpfs on the local
-    /// directory in it. Async-signal-safe: two system calls on strings
-    /// made before fork.
+    /// A new mount namespace for this process, a fresh shared tmpfs on the
+    /// local directory in it. Async-signal-safe: three system calls on
+    /// strings made before fork.
     pub fn enter(&self) -> io::Result<()> {
         // SAFETY: plain system calls; every pointer is to a NUL-terminated
         // string that lives as long as `self`.
@@ -73,6 +73,19 @@ impl OwnMounts {
                 c"mode=1777".as_ptr().cast(),
             );
             if mounted != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Shared, as a systemd node's mounts are: what is mounted
+            // there later reaches the init waiting for the next job
+            // (`job::init_pool`), whose mounts are slaves of the node's.
+            let shared = libc::mount(
+                std::ptr::null(),
+                self.local_dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_SHARED,
+                std::ptr::null(),
+            );
+            if shared != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
