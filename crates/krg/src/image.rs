@@ -381,10 +381,7 @@ mod tests {
     }
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("krg-image-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_support::scratch_dir("image", name)
     }
 
     /// A meta file of `version` around `payload`, as `write_meta` frames it.

@@ -24,5 +24,7 @@ pub mod pidfd;
 pub mod policy;
 pub mod probe;
 pub mod procfs;
+#[cfg(test)]
+mod test_support;
 pub mod view;
 pub mod wire;

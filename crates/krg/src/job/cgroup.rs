@@ -327,15 +327,24 @@ read _"#,
         assert_eq!(line.trim(), "mounted", "the FUSE mount was not made");
         // Both in the cgroup, both asleep in the kernel.
         let deadline = Instant::now() + Duration::from_secs(10);
+        // Asleep where meant, not merely in D: a process just exec'd is
+        // in D while its pages are read, and one frozen there before it
+        // reaches the lock lets the cgroup freeze.
         let asleep = || {
             let pids = cgroup.pids();
-            pids.len() == 2
-                && pids.iter().all(|p| {
+            let waits: Vec<String> = pids
+                .iter()
+                .filter(|p| {
                     fs::read_to_string(format!("/proc/{p}/stat"))
-                        .ok()
-                        .and_then(|s| s.rfind(") D").map(|_| ()))
-                        .is_some()
+                        .is_ok_and(|s| s.rfind(") D").is_some())
                 })
+                .map(|p| fs::read_to_string(format!("/proc/{p}/wchan")).unwrap_or_default())
+                .collect();
+            let on_the_lock = |w: &String| w.contains("filename_create") || w.contains("rwsem");
+            pids.len() == 2
+                && waits.len() == 2
+                && waits.iter().any(|w| w.contains("fuse"))
+                && waits.iter().any(on_the_lock)
         };
         while !asleep() {
             assert!(Instant::now() < deadline, "the processes did not get stuck");

@@ -377,10 +377,7 @@ mod tests {
     use std::process::{Command, Stdio};
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("krg-needed-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_support::scratch_dir("needed", name)
     }
 
     #[test]

@@ -69,10 +69,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("krg-work-dir-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_support::scratch_dir("work-dir", name)
     }
 
     #[test]
