@@ -1419,52 +1419,35 @@ fn lab_jobs_see_mounts_made_while_krgd_runs() {
     let Some(lab) = lab_up() else { return };
     let scratch = new_scratch("mounts");
     let daemon = daemon_pid(&lab, 1);
-    let outer = Mounted::tmpfs(daemon, &scratch.join("shared"));
-    outer.mount(&["--make-shared"]);
-    // This job takes the init made when krgd started; the next one, made
-    // as it ends, has the shared tmpfs.
-    let first = run(krg_cmd(&lab, 1, &["run", "--node", "1", "true"]));
-    assert!(first.status.success(), "{}", show(&first));
-    lab::wait_until(WAIT, "an init waiting for the next job on node 1", || {
-        let waiting = children_of(daemon).into_iter().any(is_waiting_init);
-        waiting.then_some(()).ok_or("none yet")
-    })
-    .unwrap();
-
-    step("a tmpfs mounted now, with a file");
-    let late = Mounted::tmpfs(daemon, &outer.dir.join("late"));
-    let file = late.dir.join("hello");
-    fs::write(late.reach(&file), "mounted after krgd started\n").expect("write");
-    let out = run(krg_cmd(
-        &lab,
-        1,
-        &["run", "--node", "1", "cat", file.to_str().expect("utf-8")],
-    ));
-    assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(stdout(&out), "mounted after krgd started\n");
-    drop(late);
-    drop(outer);
-
-    step("a tmpfs mounted on a private one");
-    let private = Mounted::tmpfs(daemon, &scratch.join("private"));
-    private.mount(&["--make-private"]);
-    let first = run(krg_cmd(&lab, 1, &["run", "--node", "1", "true"]));
-    assert!(first.status.success(), "{}", show(&first));
-    lab::wait_until(WAIT, "an init waiting for the next job on node 1", || {
-        let waiting = children_of(daemon).into_iter().any(is_waiting_init);
-        waiting.then_some(()).ok_or("none yet")
-    })
-    .unwrap();
-    let late = Mounted::tmpfs(daemon, &private.dir.join("late"));
-    let file = late.dir.join("hello");
-    fs::write(late.reach(&file), "mounted on a private mount\n").expect("write");
-    let out = run(krg_cmd(
-        &lab,
-        1,
-        &["run", "--node", "1", "cat", file.to_str().expect("utf-8")],
-    ));
-    assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(stdout(&out), "mounted on a private mount\n");
-    drop(late);
-    drop(private);
+    for (propagation, what) in [
+        ("--make-shared", "mounted after krgd started"),
+        ("--make-private", "mounted on a private mount"),
+    ] {
+        step(&format!(
+            "a tmpfs mounted on a {propagation} one, with a file"
+        ));
+        let outer = Mounted::tmpfs(daemon, &scratch.join(&propagation[7..]));
+        outer.mount(&[propagation]);
+        // This job takes the init waiting now; the next one, made as it
+        // ends, has the outer tmpfs.
+        let first = run(krg_cmd(&lab, 1, &["run", "--node", "1", "true"]));
+        assert!(first.status.success(), "{}", show(&first));
+        lab::wait_until(WAIT, "an init waiting for the next job on node 1", || {
+            let waiting = children_of(daemon).into_iter().any(is_waiting_init);
+            waiting.then_some(()).ok_or("none yet")
+        })
+        .unwrap();
+        let late = Mounted::tmpfs(daemon, &outer.dir.join("late"));
+        let file = late.dir.join("hello");
+        fs::write(late.reach(&file), format!("{what}\n")).expect("write");
+        let out = run(krg_cmd(
+            &lab,
+            1,
+            &["run", "--node", "1", "cat", file.to_str().expect("utf-8")],
+        ));
+        assert!(out.status.success(), "{what}: {}", show(&out));
+        assert_eq!(stdout(&out), format!("{what}\n"));
+        drop(late);
+        drop(outer);
+    }
 }
