@@ -1420,14 +1420,14 @@ fn lab_jobs_see_mounts_made_while_krgd_runs() {
     let scratch = new_scratch("mounts");
     let daemon = daemon_pid(&lab, 1);
     for (propagation, what) in [
-        ("--make-shared", "mounted after krgd started"),
-        ("--make-private", "mounted on a private mount"),
+        ("shared", "mounted after krgd started"),
+        ("private", "mounted on a private mount"),
     ] {
         step(&format!(
             "a tmpfs mounted on a {propagation} one, with a file"
         ));
-        let outer = Mounted::tmpfs(daemon, &scratch.join(&propagation[7..]));
-        outer.mount(&[propagation]);
+        let outer = Mounted::tmpfs(daemon, &scratch.join(propagation));
+        outer.mount(&[&format!("--make-{propagation}")]);
         // This job takes the init waiting now; the next one, made as it
         // ends, has the outer tmpfs.
         let first = run(krg_cmd(&lab, 1, &["run", "--node", "1", "true"]));
