@@ -50,6 +50,13 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
             bytes(r.bytes),
             r.total_ms
         );
+        if !r.left_behind.is_empty() {
+            println!(
+                "left behind, as node {} has nothing there: the mounts at {}",
+                r.target,
+                r.left_behind.join(", ")
+            );
+        }
     }
     Ok(0)
 }

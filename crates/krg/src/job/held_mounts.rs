@@ -17,9 +17,11 @@
 //!   Mounts below a missing mount point are missing there too, and left
 //!   behind with it. A restart cannot leave one behind (the images hold
 //!   the whole namespace): a node that lacks one is refused;
-//! - a file system the job mounted itself is in the images, but its mount
-//!   point, when on a mount of the node's, must be on the target: one
-//!   that is not refuses the move (its contents would be lost).
+//! - a file system not among the node's mounts (one a root job mounted
+//!   itself, or one the node has unmounted since the job started: the
+//!   job's copy is private) is in the images, but its mount point, when
+//!   on a mount of the node's, must be on the target: one that is not
+//!   refuses the move (its contents would be lost).
 //!
 //! Left out: the root (every node has one), the job's own /proc and what
 //! is bound over it (remade by the restore), the node's own mounts that

@@ -72,7 +72,14 @@ pub struct MigrationReport {
     pub freeze_ms: u64,
     pub bytes: u64,
     pub total_ms: u64,
+    /// Mount points of the node's the target lacks, which the job left
+    /// behind (`super::held_mounts`); the first [`LEFT_BEHIND_SHOWN`].
+    #[serde(default)]
+    pub left_behind: Vec<String>,
 }
+
+/// Most left-behind mount points a report names (krgd's log has all).
+pub const LEFT_BEHIND_SHOWN: usize = 32;
 
 pub enum BodyCmd {
     Migrate {
@@ -469,7 +476,7 @@ async fn migrate(
     let dir = job_dir.join(format!("migrate-{}", now_ms()));
     let keys = pumps_keys(ctl);
     let mut req = dump_request(node, ctl, &keys, dir.clone());
-    req.skip_mounts = left_behind;
+    req.skip_mounts = left_behind.clone();
     let port = if mode == MigrateMode::Lazy {
         free_port()
     } else {
@@ -598,6 +605,11 @@ async fn migrate(
                     freeze_ms,
                     bytes,
                     total_ms: started.elapsed().as_millis() as u64,
+                    left_behind: left_behind
+                        .iter()
+                        .take(LEFT_BEHIND_SHOWN)
+                        .cloned()
+                        .collect(),
                 };
                 record(node, &report);
                 // The images are no longer needed (a lazy dump has ended:

@@ -46,7 +46,8 @@ pub enum Use {
     /// A mount of the node's in the job's mount namespace (`super::held_mounts`):
     /// only its mount point's existence matters, and a move may leave it behind.
     HoldsMount,
-    /// The mount point of a file system the job mounted itself.
+    /// The mount point of a file system not among the node's mounts (the
+    /// job's own, or one the node has unmounted since the job started).
     MadeMount,
 }
 
@@ -344,7 +345,10 @@ pub fn refusal(
         Use::HasOpen => format!("it has {} open", file.path),
         Use::Maps => format!("it maps {}", file.path),
         Use::HoldsMount => format!("its mount namespace has {} mounted", file.path),
-        Use::MadeMount => format!("it mounted a file system on {}", file.path),
+        Use::MadeMount => format!(
+            "its mount namespace has a file system of its own on {}",
+            file.path
+        ),
     };
     let what = match why {
         Mismatch::Missing => format!("which node {target} does not have"),
@@ -541,7 +545,7 @@ mod tests {
         ];
         assert_eq!(
             refusal("migrate job 1:7", 2, &two).unwrap(),
-            "cannot migrate job 1:7: it mounted a file system on /run/user/1000, which is not a directory on node 2 (and 1 more such mount)"
+            "cannot migrate job 1:7: its mount namespace has a file system of its own on /run/user/1000, which is not a directory on node 2 (and 1 more such mount)"
         );
     }
 
