@@ -1501,3 +1501,97 @@ fn a_dump_uses_the_primed_kernel_cache() {
         log.lines().take(8).collect::<Vec<_>>().join(" | ")
     );
 }
+
+/// The `criu` processes that are this process's children, by pid.
+fn criu_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // `PID (COMM) STATE PPID ...`; a zombie (Z) is already gone.
+            let Some(rest) = stat.strip_prefix(&format!("{pid} (criu) ")) else {
+                return false;
+            };
+            let mut fields = rest.split(' ');
+            fields.next() != Some("Z") && fields.next() == Some(me.as_str())
+        })
+        .collect()
+}
+
+/// Goal: the dump after a dump runs on the `criu` made ahead once the
+/// first ended (its start-up, about 4.5 ms, out of the job's freeze), and
+/// a spare whose binary has been replaced since is not used. Method: a
+/// copy of the criu binary; a checkpoint through `dump_when_asked`, as
+/// krgd's are; then a spare `criu` child appears. At the next
+/// checkpoint's `pre-dump` notice that spare is alive: it is the one
+/// dumping. After the copy is replaced by another, the spare waiting then
+/// is gone by the next `pre-dump`: it was not used, a new one was.
+#[test]
+fn a_dump_runs_on_the_criu_made_after_the_last() {
+    let Some(_lab) = lab("a_dump_runs_on_the_criu_made_after_the_last") else {
+        return;
+    };
+    let dir = TempDir::new("spare");
+    let binary = dir.join("criu");
+    fs::copy(CriuRpc::new().binary(), &binary).expect("copies criu");
+    let criu = CriuRpc::with_binary(&binary);
+    let job = Job::start(Stdio3::Pipes, 0, 0, false);
+    job.wait_output("count 5\n", 0);
+    // One checkpoint; `spare` is the criu waiting at its pre-dump notice,
+    // which must be alive then iff `used`.
+    let checkpoint = |n: u32, spare: Option<i32>, used: bool| {
+        let (req_tx, req_rx) = mpsc::channel();
+        let (notice_tx, notices) = mpsc::channel();
+        let mut req = DumpRequest::new(job.pid(), dir.join(&format!("images-{n}")));
+        req.after = AfterDump::Run;
+        req.notices = Some(notice_tx);
+        let dumper = {
+            let criu = criu.clone();
+            thread::spawn(move || criu.dump_when_asked(req_rx))
+        };
+        req_tx.send(req).expect("the dump waits for its request");
+        wait_notice(&notices, "pre-dump");
+        if let Some(spare) = spare {
+            assert_eq!(
+                criu_children().contains(&spare),
+                used,
+                "checkpoint {n}: the spare criu {spare} at pre-dump (children {:?})",
+                criu_children()
+            );
+        }
+        dumper
+            .join()
+            .expect("the dump thread")
+            .unwrap_or_else(|err| dump_failed(&err, &job));
+    };
+    let spare_made = || {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let [one] = criu_children()[..] {
+                return one;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no spare criu: {:?}",
+                criu_children()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    checkpoint(1, None, false);
+    let first = spare_made();
+    checkpoint(2, Some(first), true);
+    let second = spare_made();
+    assert_ne!(first, second, "a new spare after the second dump");
+    // An upgrade, as `install` or a package does it: a new file renamed
+    // over the old one.
+    let upgraded = dir.join("criu.new");
+    fs::copy(&binary, &upgraded).expect("copies criu again");
+    fs::rename(&upgraded, &binary).expect("replaces the copy");
+    checkpoint(3, Some(second), false);
+    job.terminate();
+}

@@ -1163,9 +1163,11 @@ fn move_to_dying_node_in(lab: &Lab, memory: &str, when: KillWhen, mode: &str) {
     kill_ends_with_143(lab, 1, &gpid, &mut job, "200 MiB job");
 }
 
-/// Whether a process named `criu` runs in node K's cgroups.
+/// Whether a process named `criu` runs in node K's job cgroups (a
+/// restore's joins the job's from its start; the `criu` krgd keeps ready
+/// for its next dump waits in krgd's own).
 fn criu_running(lab: &Lab, k: u32) -> bool {
-    let mut todo: Vec<PathBuf> = lab.cgroup_dirs(k);
+    let mut todo: Vec<PathBuf> = job_cgroups(lab, k);
     while let Some(dir) = todo.pop() {
         let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
         for pid in procs.lines() {

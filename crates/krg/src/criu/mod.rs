@@ -39,6 +39,7 @@ pub mod log;
 pub mod page_server_socket;
 pub mod restore;
 pub mod rpc;
+pub mod spare;
 pub mod stats;
 
 use std::fmt;
@@ -46,6 +47,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use krg_types::Gpid;
@@ -565,6 +567,8 @@ pub struct RestoreOutcome {
 #[derive(Clone, Debug)]
 pub struct CriuRpc {
     binary: PathBuf,
+    /// A `criu swrk` ready for the next dump.
+    spare: Arc<spare::SpareDump>,
 }
 
 impl CriuRpc {
@@ -574,8 +578,10 @@ impl CriuRpc {
     }
 
     pub fn with_binary(binary: impl Into<PathBuf>) -> CriuRpc {
+        let binary = binary.into();
         CriuRpc {
-            binary: binary.into(),
+            spare: Arc::new(spare::SpareDump::new(binary.clone())),
+            binary,
         }
     }
 
@@ -609,9 +615,11 @@ impl Criu for CriuRpc {
 
     fn dump_when_asked(&self, request: Receiver<DumpRequest>) -> Result<DumpOutcome, CriuError> {
         // One that fails to start now fails again, with its error, below.
-        let ahead = dump::start(&self.binary).ok();
-        let req = request.recv().map_err(|_| called_off(Action::Dump))?;
-        dump::run_on(&self.binary, &req, ahead)
+        let ahead = self.spare.take().or_else(|| dump::start(&self.binary).ok());
+        let req = request.recv().map_err(|_| called_off(Action::Dump));
+        let outcome = req.and_then(|req| dump::run_on(&self.binary, &req, ahead));
+        self.spare.refill();
+        outcome
     }
 
     fn restore_when(

@@ -115,8 +115,9 @@ pub fn call(binary: &Path, req: &Criu_req, call: &Call<'_>) -> Result<Reply, Cri
 /// A `criu swrk` started ahead of its request: CRIU's own start-up (the
 /// exec and dynamic linking of a 6 MB binary and its 19 libraries, about
 /// 4.5 ms here) is then done before the job is frozen, or while something
-/// else the request waits for gets ready. It must be used (or dropped, which
-/// kills it) by the thread that started it: it dies with that thread.
+/// else the request waits for gets ready. It dies with the thread that
+/// started it (a parent-death signal), which must outlive its use: the
+/// thread that uses it, or one that lives as long (`spare.rs`).
 pub struct Started(Swrk);
 
 /// Starts `criu swrk` for `call` (its inherited fds, network namespace and
