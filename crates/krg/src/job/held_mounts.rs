@@ -31,17 +31,15 @@
 use super::needed_files::{NeededFile, Use};
 use crate::mountinfo::Mount;
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
 /// The mount points the target of a job whose init is `init_pid` must
 /// have; none when its mounts cannot be read (the job is ending).
 pub fn of_job(init_pid: i32) -> Vec<NeededFile> {
-    let (Ok(job), Ok(node)) = (
-        crate::mountinfo::read(format!("/proc/{init_pid}/mountinfo")),
-        crate::mountinfo::own(),
-    ) else {
+    let Ok(job) = crate::mountinfo::read(format!("/proc/{init_pid}/mountinfo")) else {
         return Vec::new();
     };
-    let node_devices: HashSet<libc::dev_t> = node.iter().map(|m| m.device).collect();
+    let node_devices = super::needed_files::node_devices();
     let is_dir = |point: &str| {
         std::fs::metadata(format!("/proc/{init_pid}/root{point}")).map_or(true, |m| m.is_dir())
     };
@@ -59,7 +57,7 @@ fn needed(
     let by_id: HashMap<u32, &Mount> = job.iter().map(|m| (m.id, m)).collect();
     let of_node = |m: &Mount| node_devices.contains(&m.device);
     job.iter()
-        .filter(|m| m.mount_point != "/" && !below(&m.mount_point, "/proc"))
+        .filter(|m| m.mount_point != "/" && !Path::new(&m.mount_point).starts_with("/proc"))
         .filter(|m| !crate::criu::dump::is_node_local(m))
         .filter(|m| m.mount_point.len() <= super::needed_files::PATH_BYTES_MAX)
         .filter_map(|m| {
@@ -82,12 +80,6 @@ fn needed(
         .collect()
 }
 
-/// Whether `path` is `dir` or below it.
-fn below(path: &str, dir: &str) -> bool {
-    path.strip_prefix(dir)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +93,8 @@ mod tests {
 205 204 0:43 /cpuinfo /proc/cpuinfo ro - fuse krg-view ro\n\
 206 201 0:91 / /run/scratch rw - tmpfs none rw\n\
 207 206 0:92 / /run/scratch/inner rw - tmpfs none rw\n\
-208 200 254:0 /etc/hosts.lab /etc/hosts rw - ext4 /dev/vda rw\n";
+208 200 254:0 /etc/hosts.lab /etc/hosts rw - ext4 /dev/vda rw\n\
+209 200 254:0 /srv/p /procfs rw - ext4 /dev/vda rw\n";
 
     #[test]
     fn asks_for_the_node_s_mounts_and_where_the_job_mounted_on_them() {
@@ -122,17 +115,11 @@ mod tests {
                 ("/run/user/1000", Use::HoldsMount, true),
                 ("/run/scratch", Use::MadeMount, false),
                 ("/etc/hosts", Use::HoldsMount, true),
+                ("/procfs", Use::HoldsMount, true),
             ],
-            "not the root, the namespace pin, the job's /proc and what is over it, nor a mount on the job's own"
+            "not the root, the namespace pin, the job's /proc and what is over it (by whole components), nor a mount on the job's own"
         );
         assert!(asked.iter().all(|f| f.size.is_none()));
-    }
-
-    #[test]
-    fn below_is_by_whole_components() {
-        assert!(below("/proc", "/proc"));
-        assert!(below("/proc/cpuinfo", "/proc"));
-        assert!(!below("/procfs", "/proc"));
     }
 
     #[test]

@@ -209,7 +209,7 @@ fn file_mappings(pid: i32) -> Vec<Mapping> {
 
 /// The devices of this node's mounts (its mount namespace): a job's file
 /// on any other is on a mount the job made itself.
-fn node_devices() -> HashSet<u64> {
+pub(super) fn node_devices() -> HashSet<u64> {
     let mounts = crate::mountinfo::own().unwrap_or_default();
     mounts.iter().map(|m| m.device).collect()
 }
